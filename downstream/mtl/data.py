@@ -1,0 +1,61 @@
+"""Datasets and loaders for multi-task finetuning (readers and transforms live in ``selfsup.data``)."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from selfsup.data import build_dataset
+from selfsup.data.mt_transforms import PAD_VALUES, eval_transform, train_transform
+
+from .config import DataConfig
+
+
+def collate_padded(samples: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """Stack samples; maps of different sizes are padded bottom/right (PAD_VALUES), 'meta' becomes a list.
+
+    Evaluation crops predictions back to each ``meta['size']``, so padding never reaches a metric.
+    """
+    batch: Dict[str, object] = {"meta": [s["meta"] for s in samples]}
+    keys = [k for k, v in samples[0].items() if isinstance(v, torch.Tensor)]
+    for key in keys:
+        tensors = [s[key] for s in samples]
+        H = max(t.shape[-2] for t in tensors)
+        W = max(t.shape[-1] for t in tensors)
+        padded = [t if t.shape[-2:] == (H, W) else
+                  F.pad(t.float(), (0, W - t.shape[-1], 0, H - t.shape[-2]), value=float(PAD_VALUES.get(key, 0))).to(t.dtype)
+                  for t in tensors]
+        batch[key] = torch.stack(padded)
+    return batch
+
+
+def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
+    tasks = list(cfg.tasks) + list(cfg.auxiliary_tasks)
+    train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=tasks,
+                          transform=train_transform(tuple(cfg.crop_size), cfg.scales))
+    val = build_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, tasks=list(cfg.tasks), transform=eval_transform())
+    if cfg.max_train_images:
+        train = Subset(train, range(min(cfg.max_train_images, len(train))))
+    if cfg.max_val_images:
+        val = Subset(val, range(min(cfg.max_val_images, len(val))))
+    return train, val
+
+
+def build_loaders(cfg: DataConfig, *, seed: int, distributed: bool) -> Tuple[DataLoader, DataLoader]:
+    train, val = build_datasets(cfg)
+    sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True) if distributed else None
+    generator = torch.Generator().manual_seed(seed)
+    drop_last = len(train) >= cfg.batch_size  # tiny subsets still give one batch
+    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=cfg.num_workers, collate_fn=collate_padded, drop_last=drop_last,
+                              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+                              generator=generator)
+    val_loader = DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            collate_fn=collate_padded)
+    return train_loader, val_loader
+
+
+def targets_of(batch: Dict[str, object], tasks: List[str], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {t: batch[t].to(device, non_blocking=True) for t in tasks}  # type: ignore[union-attr]

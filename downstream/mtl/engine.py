@@ -1,0 +1,88 @@
+"""Training epoch and evaluation loops (setup lives in train.py)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from selfsup.logs import ScalarWriter
+
+from .data import targets_of
+from .losses import MultiTaskLoss
+from .metrics import build_meter, postprocess
+from .visualize import prediction_grid
+
+logger = logging.getLogger(__name__)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs in fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimizer: torch.optim.Optimizer, *,
+                    lr_at: Callable[[int], float], step: int, epoch: int, tasks: Sequence[str], device: torch.device,
+                    amp: bool = True, channels_last: bool = False, max_iters: int = 0,
+                    writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True) -> int:
+    """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it."""
+    model.train()
+    num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
+    bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    for i, batch in enumerate(loader):
+        if i >= num_iters:
+            break
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        images = to_device(batch["image"], device, channels_last)
+        targets = targets_of(batch, list(tasks), device)
+        with autocast(device, amp):
+            outputs = model(images)
+        total, terms = criterion(outputs, targets)  # losses in fp32
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss {float(total)} at step {step}: {({k: float(v) for k, v in terms.items()})}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        step += 1
+        bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}")
+        bar.update()
+        if writer is not None and (step % log_every == 0 or i == num_iters - 1):
+            writer.scalars({"loss": float(total), "lr": lr, **{k: float(v) for k, v in terms.items()}}, step, prefix="train/")
+    bar.close()
+    return step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, tasks: Sequence[str], num_outputs: Mapping[str, int], device: torch.device,
+             amp: bool = True, channels_last: bool = False, edge_thresholds: int = 99, edge_tolerance: float = 0.0075,
+             progress: bool = True, writer: Optional[ScalarWriter] = None, step: int = 0) -> Dict[str, Dict[str, float]]:
+    """Metrics of the main ``tasks`` at each image's original size (padding of the batch is cropped away)."""
+    model.eval()
+    meters = {t: build_meter(t, num_outputs=num_outputs[t], edge_thresholds=edge_thresholds,
+                             edge_tolerance=edge_tolerance) for t in tasks}
+    first = True
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+        images = to_device(batch["image"], device, channels_last)
+        with autocast(device, amp):
+            outputs = model(images)["final"]
+        predictions = {t: postprocess(t, outputs[t]).cpu() for t in tasks}
+        for i, meta in enumerate(batch["meta"]):
+            H, W = meta["size"]
+            for t in tasks:
+                meters[t].update(predictions[t][i, ..., :H, :W], batch[t][i, ..., :H, :W])
+        if first and writer is not None:
+            writer.image("val/predictions", prediction_grid(batch["image"], predictions, batch, tasks), step)
+            first = False
+    return {t: meter.compute() for t, meter in meters.items()}

@@ -1,0 +1,28 @@
+"""Build a multi-task model by architecture name (registry) on the shared encoder."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from . import baseline, mti_net, pad_net  # noqa: F401  (register the architectures)
+from .encoder import build_encoder
+from .registry import ARCHITECTURES
+from .tasks import TaskSet
+
+
+def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output_stride: int = 32, neck: str = "fpn",
+                fpn_channels: int = 256, head: str = "multiscale", head_channels: int = 256, task_channels: int = 64,
+                aspp_rates: Sequence[int] = (12, 24, 36)) -> nn.Module:
+    """E.g. ``build_model("mti_net", tasks=TaskSet("nyud", ("semseg", "depth"), ("normals", "edge")))``.
+
+    The model maps images [B,3,H,W] to ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
+    """
+    builder = ARCHITECTURES.get(arch)  # fail before building the encoder on an unknown name
+    encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)
+    return builder(encoder=encoder, tasks=tasks.main, auxiliary=tasks.auxiliary, channels=tasks.channels(), head=head,
+                   head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates))
+
+
+def architecture_names() -> list:
+    return ARCHITECTURES.names()

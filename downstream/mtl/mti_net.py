@@ -1,0 +1,94 @@
+"""MTI-Net: multi-scale multi-modal distillation with a feature propagation module between scales.
+
+Scales are indexed 0..3 for strides 4, 8, 16, 32. Per scale s, from the coarsest up:
+  1. initial task features: 2 residual blocks on the encoder map (s = 3) or on
+     concat(encoder map, upsampled FPM output of scale s+1); a 1x1 conv gives the initial
+     (deeply supervised) predictions of every task, auxiliary ones included;
+  2. FPM (s > 0) mixes the task features and feeds them to scale s-1;
+  3. multi-modal distillation of the initial task features into each main task.
+Finally the distilled features of the 4 scales are upsampled to 1/4, concatenated, and a per-task
+head predicts the output at the input resolution.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .distillation import MultiModalDistillation
+from .encoder import Encoder
+from .layers import ResidualBlock, SqueezeExcitation, conv_bn_relu, residual_stack, resize
+from .registry import ARCHITECTURES
+
+
+class FeaturePropagation(nn.Module):
+    """FPM: task features -> shared representation (task-softmax gated) -> per-task SE read-out + residual."""
+
+    def __init__(self, *, tasks: Sequence[str], channels: int, se_reduction: int = 16) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        shared = len(self.tasks) * channels
+        hidden = max(channels, shared // 4)
+        self.non_linear = nn.Sequential(ResidualBlock(shared, hidden), ResidualBlock(hidden, hidden),
+                                        nn.Conv2d(hidden, shared, 1))
+        self.reduce = ResidualBlock(shared, channels)
+        self.read_out = nn.ModuleDict({t: SqueezeExcitation(channels, se_reduction) for t in self.tasks})
+
+    def forward(self, feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        stacked = torch.stack([feats[t] for t in self.tasks], dim=1)  # [B, N, C, H, W]
+        B, N, C, H, W = stacked.shape
+        logits = self.non_linear(stacked.reshape(B, N * C, H, W)).reshape(B, N, C, H, W)
+        gated = torch.softmax(logits, dim=1) * stacked  # softmax over the task axis
+        shared = self.reduce(gated.reshape(B, N * C, H, W))  # [B, C, H, W]
+        return {t: feats[t] + self.read_out[t](shared) for t in self.tasks}
+
+
+class MTINet(nn.Module):
+    def __init__(self, encoder: Encoder, *, tasks: Sequence[str], auxiliary: Sequence[str], channels: Mapping[str, int],
+                 task_channels: int = 64) -> None:
+        super().__init__()
+        self.tasks, self.auxiliary = tuple(tasks), tuple(auxiliary)
+        all_tasks = (*self.tasks, *self.auxiliary)
+        C = task_channels
+        in_ch = encoder.channels
+        self.encoder = encoder
+        # index s = scale (0: 1/4 ... 3: 1/32); the coarsest scale has no FPM input
+        self.initial_features = nn.ModuleList(
+            nn.ModuleDict({t: residual_stack(in_ch[s] + (C if s < 3 else 0), C) for t in all_tasks}) for s in range(4))
+        self.initial_predictions = nn.ModuleList(
+            nn.ModuleDict({t: nn.Conv2d(C, channels[t], 1) for t in all_tasks}) for _ in range(4))
+        self.propagation = nn.ModuleList(FeaturePropagation(tasks=all_tasks, channels=C) for _ in range(1, 4))
+        self.distillation = nn.ModuleList(
+            MultiModalDistillation(targets=self.tasks, sources=all_tasks, channels=C) for _ in range(4))
+        self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(4 * C, 4 * C, 1), nn.Conv2d(4 * C, channels[t], 1))
+                                    for t in self.tasks})
+
+    def forward(self, x: torch.Tensor) -> Dict[str, object]:
+        size = x.shape[-2:]
+        feats = self.encoder(x)
+        initial: List[Dict[str, torch.Tensor]] = [{} for _ in range(4)]
+        distilled: List[Dict[str, torch.Tensor]] = [{} for _ in range(4)]
+        propagated = None
+        for s in range(3, -1, -1):
+            task_feats = {}
+            for t, block in self.initial_features[s].items():
+                inp = feats[s] if propagated is None else torch.cat([feats[s], resize(propagated[t], feats[s].shape[-2:])], 1)
+                task_feats[t] = block(inp)
+                initial[s][t] = resize(self.initial_predictions[s][t](task_feats[t]), size)
+            if s > 0:
+                propagated = self.propagation[s - 1](task_feats)
+            distilled[s] = self.distillation[s](task_feats)
+        final = {}
+        for t in self.tasks:
+            fine = distilled[0][t].shape[-2:]
+            aggregated = torch.cat([resize(distilled[s][t], fine) for s in range(4)], dim=1)  # [B, 4C, H/4, W/4]
+            final[t] = resize(self.heads[t](aggregated), size)
+        return {"final": final, "initial": initial}
+
+
+@ARCHITECTURES.register("mti_net")
+def mti_net(*, encoder: Encoder, tasks: Sequence[str], auxiliary: Sequence[str] = (), channels: Mapping[str, int],
+            task_channels: int = 64, **_: object) -> MTINet:
+    """MTI-Net: initial predictions at 4 scales, FPM, per-scale distillation, aggregation."""
+    return MTINet(encoder, tasks=tasks, auxiliary=auxiliary, channels=channels, task_channels=task_channels)

@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Export the backbone of a pretraining checkpoint.
+
+  python launch/export.py runs/demo/checkpoint.pth --format torchvision --out backbone.pth
+  python launch/export.py CHECKPOINT --format detectron2 --out backbone.pkl
+  python launch/export.py CHECKPOINT --format moco --out moco_v2_format.pth.tar
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from selfsup.export import FORMATS, export_backbone
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="our checkpoint.pth (or an official MoCo checkpoint)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output file")
+    args = p.parse_args(argv)
+    out = export_backbone(args.checkpoint, fmt=args.format, out=args.out)
+    print(f"wrote {args.format} backbone to {out}")
+
+
+if __name__ == "__main__":
+    main()

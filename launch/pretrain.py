@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""MoCo-v2 pretraining (and the improved recipe): local, multi-process or on SLURM.
+
+Examples:
+  python launch/pretrain.py                                  # embedded scenes, small CPU-friendly run
+  python launch/pretrain.py --data coco --multicrop --knn 20 # the improved recipe on COCO
+  python launch/pretrain.py --config configs/pretrain/ours_coco_200ep.yaml --slurm --nodes 2 --gpus-per-node 8
+  python launch/pretrain.py optim.lr=0.03 train.epochs=800   # any config key as key=value
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from selfsup.config import load_config
+from selfsup.launcher import add_launch_args, launch
+from selfsup.moco.config import PretrainConfig, flags_to_updates
+from selfsup.moco.train import run_pretraining
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. optim.lr=0.3")
+    p.add_argument("--config", help="YAML file with the differences from the defaults (configs/pretrain/*.yaml)")
+    p.add_argument("--data", help="dataset name (coco, embedded, ...) or a folder of images")
+    p.add_argument("--data-root", help="root folder of --data (else $SCENESSL_<NAME>_ROOT)")
+    p.add_argument("--arch", help="backbone: resnet18/34/50/101, resnet_tiny")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size (default 256)")
+    p.add_argument("--lr", type=float, help="learning rate for a global batch of 256 (default 0.3)")
+    p.add_argument("--workers", type=int, help="data loader workers per process")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output-dir", help="run directory: config, checkpoints, TensorBoard; runs resume from it")
+    g = p.add_argument_group("improved recipe")
+    g.add_argument("--multicrop", action="store_true", help="2x160 + N x 96 constrained multi-crop, m=0.995")
+    g.add_argument("--num-small", type=int, default=4, help="small crops with --multicrop (default 4)")
+    g.add_argument("--crop-constraint", choices=["overlap", "inside", "none"], help="small-crop rule (default overlap)")
+    g.add_argument("--auto-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="Standard-or-AutoAugment on query and small crops (default on with --multicrop)")
+    g.add_argument("--knn", type=int, nargs="?", const=20, help="kNN positives with top-K neighbours (default K=20)")
+    g.add_argument("--knn-weight", type=float, help="λ of the kNN loss (default 0.4)")
+    g.add_argument("--knn-warmup-epochs", type=int, help="epochs without the kNN loss (default 5)")
+    add_launch_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+
+    def make_cfg(extra: List[str]) -> PretrainConfig:
+        return load_config(PretrainConfig, yaml_path=args.config, updates=flags_to_updates(args),
+                           overrides=list(args.overrides) + list(extra))
+
+    launch(run_pretraining, make_cfg, args)
+
+
+if __name__ == "__main__":
+    main()

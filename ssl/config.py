@@ -1,0 +1,161 @@
+"""Typed configuration: dataclass defaults <- YAML (differences only) <- command-line ``key=value``.
+
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return merge(tp(), value, prefix=key + ".")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if (origin is tuple or tp is tuple) else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and tp not in (int, float, str, bool):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def merge(cfg: T, updates: Mapping[str, Any], *, prefix: str = "") -> T:
+    """Return a copy of dataclass ``cfg`` with ``updates`` (nested mapping) applied, strictly typed."""
+    hints = typing.get_type_hints(type(cfg))
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; allowed keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+                              f"{', '.join(sorted(fields))}")
+        tp = hints[key]
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            changes[key] = merge(current, value, prefix=f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, tp, prefix + key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
+    """``["optim.lr=0.3", "model.arch=resnet18"]`` -> nested dict; values are parsed as YAML scalars."""
+    nested: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.3)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_update(base: Dict[str, Any], updates: Mapping[str, Any]) -> Dict[str, Any]:
+    for key, value in updates.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(schema: Type[T], *, yaml_path: Optional[Union[str, Path]] = None,
+                updates: Optional[Mapping[str, Any]] = None, overrides: Iterable[str] = ()) -> T:
+    """Defaults of ``schema``, then the YAML file, then ``updates`` (from flags), then ``key=value`` overrides."""
+    cfg = schema()
+    layers = []
+    if yaml_path is not None:
+        layers.append((str(yaml_path), lambda: load_yaml(yaml_path)))
+    layers.append(("command-line flags", lambda: dict(updates or {})))
+    layers.append(("command-line overrides", lambda: parse_overrides(overrides)))
+    for source, read in layers:
+        try:
+            cfg = merge(cfg, read())
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        except (TypeError, ValueError) as err:  # a section's own validation (__post_init__)
+            raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

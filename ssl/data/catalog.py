@@ -1,0 +1,99 @@
+"""Dataset registry and data-root resolution.
+
+Root lookup for a dataset name: explicit ``root`` > ``$SCENESSL_<NAME>_ROOT`` > nothing (error).
+Either may be the word ``embedded``: the synthetic data of :func:`ensure_embedded_data` (generated
+on first use). The name ``embedded`` itself resolves to the whole embedded root.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from selfsup.registry import Registry
+
+DATASETS = Registry("dataset")
+
+# name -> (paths that must exist under the root, human-readable layout)
+LAYOUTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "coco": ((), "a folder of JPEG/PNG images (COCO: the folder holding train2017/, or train2017/ itself)"),
+    "images": ((), "a folder (searched recursively) of JPEG/PNG images"),
+    "classification": (("train",), "train/<class_name>/*.jpg and val/<class_name>/*.jpg"),
+    "pascal_context": (("JPEGImages", "ImageSets/Context"),
+                       "JPEGImages/<id>.jpg, ImageSets/Context/{train,val}.txt, semseg/pascal-context/<id>.png, "
+                       "human_parts/<id>.mat, normals_distill/<id>.png, sal_distill/<id>.png, "
+                       "pascal-context/trainval/<id>.mat"),
+    "nyud": (("images", "gt_sets"),
+             "images/<id>.jpg, segmentation/<id>.png, depth/<id>.npy, normals/<id>.npy, edge/<id>.npy, "
+             "gt_sets/{train,val}.txt"),
+    "davis2017": (("JPEGImages", "ImageSets/2017"),
+                  "JPEGImages/480p/<seq>/<frame:05d>.jpg, Annotations/480p/<seq>/<frame:05d>.png, "
+                  "ImageSets/2017/{train,val}.txt"),
+    "voc2012": (("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
+                "JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt "
+                "(or VOCdevkit/VOC2012/ holding them)"),
+}
+# subfolder of the embedded root holding each dataset
+EMBEDDED_SUBDIR = {"coco": "coco", "images": "coco", "classification": "classification",
+                   "pascal_context": "pascal_context", "nyud": "nyud", "davis2017": "davis2017", "voc2012": "voc2012"}
+EMBEDDED = "embedded"
+
+
+def env_var(name: str) -> str:
+    return f"SCENESSL_{name.upper()}_ROOT"
+
+
+def _matches_layout(name: str, path: Path) -> Optional[Path]:
+    """The folder under ``path`` laid out as ``name`` expects (path itself or a known wrapper), or None."""
+    markers = LAYOUTS[name][0]
+    for candidate in (path, path / "VOCdevkit" / "VOC2012", path / "VOC2012", path / "DAVIS"):
+        if candidate.is_dir() and all((candidate / m).exists() for m in markers):
+            return candidate
+    return None
+
+
+def _embedded_root(name: str) -> Path:
+    from .synthetic import ensure_embedded_data  # lazy: generation code is not needed otherwise
+
+    root = ensure_embedded_data()
+    return root if name == EMBEDDED else root / EMBEDDED_SUBDIR[name]
+
+
+def resolve_data_root(name: str, root: Optional[Union[str, Path]] = None) -> Path:
+    """Folder of dataset ``name``: explicit ``root`` > ``$SCENESSL_<NAME>_ROOT``; ``"embedded"`` as
+    either value (or as ``name``) means the generated synthetic data. A ``name`` that is an existing
+    folder and not a registered dataset is returned as is (an unlabelled image folder).
+
+    Raises FileNotFoundError naming what was tried and the expected layout.
+    """
+    if name == EMBEDDED:
+        return _embedded_root(name)
+    if name not in LAYOUTS:
+        if root is None and Path(name).is_dir():
+            return Path(name)
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(LAYOUTS))} (or a folder path)")
+    variable = env_var(name)
+    tried: List[str] = []
+    for source, value in ((f"root={root!r}", root), (f"${variable}", os.environ.get(variable))):
+        if value is None or value == "":
+            tried.append(f"{source}: not set")
+            continue
+        if str(value) == EMBEDDED:
+            return _embedded_root(name)
+        found = _matches_layout(name, Path(value).expanduser())
+        if found is not None:
+            return found
+        tried.append(f"{source} -> {Path(value).expanduser()}: missing or not in the expected layout")
+    raise FileNotFoundError(
+        f"no data root for dataset {name!r}. Tried: " + "; ".join(tried) + ". "
+        f"Expected layout: {LAYOUTS[name][1]}. Pass root=<path>, set ${variable}=<path>, or use "
+        f"root='embedded' / ${variable}=embedded for the generated synthetic data (launch/make_data.py)."
+    )
+
+
+def build_dataset(name: str, **kwargs: Any) -> Any:
+    """Build a registered dataset (``DATASETS.names()``); a folder path as ``name`` builds the
+    unlabelled ``images`` dataset on that folder."""
+    if name not in DATASETS and name != EMBEDDED and Path(name).is_dir():
+        return DATASETS.build("images", root=name, **kwargs)
+    return DATASETS.build(name, **kwargs)

@@ -1,0 +1,140 @@
+"""Image-folder datasets: unlabelled images for pretraining (``images``, ``coco``) and a labelled
+``root/<split>/<class>/`` set (``classification``) for kNN monitors and linear probes.
+
+Unreadable images are skipped: the next readable file is returned instead and the bad file is
+recorded in a shared byte array, so ``num_skipped`` counts distinct bad files across DataLoader
+worker processes (and a known-bad file is not decoded again).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .catalog import DATASETS, resolve_data_root
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+
+def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
+    """All image files below ``folder``, sorted by relative path (deterministic order)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(tuple(extensions))]
+    return [Path(p) for p in sorted(found)]
+
+
+def load_rgb(path: Union[str, Path]) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later in a transform) and convert to RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class _SkippingImageFiles(Dataset):
+    """Base: ``files`` with skip-and-count of unreadable images."""
+
+    def __init__(self, files: List[Path], transform: Optional[Callable] = None) -> None:
+        if not files:
+            raise FileNotFoundError("no images found")
+        self.files = files
+        self.transform = transform
+        self._bad = multiprocessing.Array("b", len(files))  # shared with forked/spawned workers
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unreadable files met so far, in any process."""
+        return int(np.frombuffer(self._bad.get_obj(), np.int8).sum())
+
+    @property
+    def skipped_files(self) -> List[Path]:
+        bad = np.frombuffer(self._bad.get_obj(), np.int8)
+        return [self.files[i] for i in np.flatnonzero(bad)]
+
+    def _read(self, index: int) -> Tuple[Image.Image, int]:
+        """(image, file index actually read): ``index`` or the next readable file after it."""
+        for step in range(len(self.files)):
+            j = (index + step) % len(self.files)
+            if self._bad[j]:
+                continue
+            try:
+                return load_rgb(self.files[j]), j
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                self._bad[j] = 1
+                logger.warning("skipping unreadable image %s (%s)", self.files[j], error)
+        raise RuntimeError(f"none of the {len(self.files)} images is readable")
+
+    def _apply(self, image: Image.Image, index: int) -> Any:
+        if self.transform is None:
+            return image
+        if getattr(self.transform, "needs_index", False):
+            return self.transform(image, index)  # per-sample seeded augmentation
+        return self.transform(image)
+
+
+@DATASETS.register("images")
+class ImageFolder(_SkippingImageFiles):
+    """Unlabelled images below ``root`` (recursive). ``ds[i]`` = ``transform(pil_rgb)``, or
+    ``transform(pil_rgb, i)`` when ``transform.needs_index`` is true; the PIL image without transform."""
+
+    dataset_name = "images"
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, *, transform: Optional[Callable] = None,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+        self.root = resolve_data_root(self.dataset_name, root)
+        files = list_images(self.root, extensions)
+        if not files:
+            raise FileNotFoundError(f"no {'/'.join(extensions)} images below {self.root}")
+        super().__init__(files, transform)
+
+    def __getitem__(self, index: int) -> Any:
+        image, _ = self._read(index)
+        return self._apply(image, index)
+
+
+@DATASETS.register("coco")
+class CocoImages(ImageFolder):
+    """COCO images for pretraining (labels unused): ``root/<split>/`` if it exists, else ``root``."""
+
+    dataset_name = "coco"
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, *, split: str = "train2017",
+                 transform: Optional[Callable] = None) -> None:
+        base = resolve_data_root("coco", root)
+        super().__init__(base / split if (base / split).is_dir() else base, transform=transform)
+
+
+@DATASETS.register("classification")
+class ClassificationFolder(_SkippingImageFiles):
+    """``root/<split>/<class_name>/*.jpg``. ``ds[i]`` = ``(transform(pil_rgb), label)``;
+    ``classes`` are the sorted class folder names, ``targets`` the label of every file."""
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, *, split: str = "train",
+                 transform: Optional[Callable] = None) -> None:
+        self.root = resolve_data_root("classification", root)
+        folder = self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"split folder {folder} does not exist")
+        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        files, targets = [], []
+        for label, name in enumerate(self.classes):
+            class_files = list_images(folder / name)
+            files += class_files
+            targets += [label] * len(class_files)
+        self.targets = targets
+        super().__init__(files, transform)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        image, j = self._read(index)
+        return self._apply(image, index), self.targets[j]

@@ -1,0 +1,43 @@
+"""kNN classification of frozen features: cosine top-k, votes weighted exp(sim / T) (k = 20, T = 0.07)."""
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
+                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised pooled features [N, C] and labels [N] of a labelled set (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for images, targets in batches:
+        feats.append(F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1).cpu())
+        labels.append(torch.as_tensor(targets))
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, *,
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Predicted labels [M] for normalised ``test_features`` [M, C] against [N, C] train features."""
+    k = min(k, train_features.shape[0])
+    preds = []
+    for start in range(0, test_features.shape[0], chunk):
+        sim = test_features[start:start + chunk] @ train_features.t()  # [m, N] cosine
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor], *,
+                 num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    pred = knn_classify(train[0], train[1], test[0], num_classes=num_classes, k=k, temperature=temperature)
+    return (pred == test[1]).float().mean().item() * 100.0

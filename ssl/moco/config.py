@@ -1,0 +1,110 @@
+"""Typed schema of a pretraining run (defaults = MoCo-v2 on COCO, SPEC §1) and the CLI flag mapping."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from selfsup.augment.config import AugmentConfig
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    hidden_dim: int = 2048  # projection MLP 2048-2048-128
+    dim: int = 128
+    bn: str = "shuffle"  # "shuffle" (shuffle-BN; BN groups in one process) or "sync" (SyncBN)
+    shuffle_bn_groups: int = 8  # one-process emulation of 8 GPUs' separate BN statistics
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+
+
+@dataclass
+class MocoConfig:
+    queue_size: int = 65536
+    momentum: float = 0.999
+    temperature: float = 0.2
+    knn_k: int = 0  # 0 = kNN positives off; the improved recipe uses 20
+    knn_weight: float = 0.4
+    knn_warmup_epochs: int = 5
+    backbone_queue_dtype: str = "float32"  # "bfloat16" halves the 2048 x K queue on GPU
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"  # a registered dataset name ("coco", "embedded", ...) or a folder of images
+    root: Optional[str] = None
+    num_workers: int = 8
+    gpu_aug: Optional[bool] = None  # None: on when CUDA is available
+    knn_monitor: str = "embedded"  # labelled classification set for the online kNN monitor; "none" = off
+    knn_monitor_root: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.3  # for a global batch of 256; scaled linearly with the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256  # global, divided over the processes
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
+    checkpoint_every_steps: int = 1000
+    log_every_steps: int = 20
+    knn_every_epochs: int = 10
+    max_steps: int = 0  # stop (checkpointed) after this many global steps; 0 = run all epochs
+    steps_per_epoch: int = 0  # cap on steps per epoch (demos); 0 = the whole dataset
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig.preset("moco"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def flags_to_updates(args: Any) -> Dict[str, Any]:
+    """Map the user-facing flags of ``launch/pretrain.py`` onto config keys (only flags that were given)."""
+    updates: Dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        node = updates
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    if args.data is not None:
+        put("data.name", args.data)
+    if args.data_root is not None:
+        put("data.root", args.data_root)
+    if args.multicrop:
+        # published recipe: 2 x 160 + 4 x 96, constrained crops, Standard-or-AutoAugment, m = 0.995
+        for key, value in dict(large_size=160, num_small=args.num_small, auto_augment=True).items():
+            put(f"augment.{key}", value)
+        put("moco.momentum", 0.995)
+    if args.auto_augment is not None:
+        put("augment.auto_augment", args.auto_augment)
+    if args.crop_constraint is not None:
+        put("augment.constraint", args.crop_constraint)
+    if args.knn is not None:
+        put("moco.knn_k", args.knn)
+    if args.knn_weight is not None:
+        put("moco.knn_weight", args.knn_weight)
+    if args.knn_warmup_epochs is not None:
+        put("moco.knn_warmup_epochs", args.knn_warmup_epochs)
+    for flag, key in (("arch", "model.arch"), ("epochs", "train.epochs"), ("batch_size", "optim.batch_size"),
+                      ("lr", "optim.lr"), ("output_dir", "output_dir"), ("workers", "data.num_workers"),
+                      ("seed", "train.seed")):
+        if getattr(args, flag) is not None:
+            put(key, getattr(args, flag))
+    return updates

@@ -1,0 +1,154 @@
+"""The MoCo method owner: query/key encoders, the key queue (and backbone queue for kNN positives)."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from selfsup.backbones import build_backbone
+from selfsup.distributed import all_gather, get_rank, get_world_size
+from selfsup.moco.losses import instance_loss, knn_positives_loss, mine_neighbours
+
+
+class Encoder(nn.Module):
+    """Backbone g + projection MLP h (Linear, ReLU, Linear).
+
+    ``forward(views)`` takes a list of image batches; consecutive batches of the same size are
+    encoded in one forward. Returns (backbone features [N, C], projections [N, D]), both un-normalised.
+    """
+
+    def __init__(self, backbone: nn.Module, *, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(backbone.num_features, hidden_dim), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, views: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        feats = []
+        start = 0
+        while start < len(views):  # group same-resolution crops: one forward per size
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            feats.append(self.backbone(torch.cat(list(views[start:end]))))
+            start = end
+        g = torch.cat(feats)
+        return g, self.head(g)
+
+
+class MoCo(nn.Module):
+    """MoCo-v2 with optional multi-crop queries and kNN positives.
+
+    Buffers: ``key_queue`` [K, D] and ``backbone_queue`` [K, C] (aligned, enqueued together), ``queue_ptr``.
+    """
+
+    def __init__(self, *, arch: str, hidden_dim: int = 2048, dim: int = 128, queue_size: int = 65536,
+                 temperature: float = 0.2, knn_k: int = 0, knn_weight: float = 0.4,
+                 shuffle_bn_groups: int = 8, backbone_queue_dtype: torch.dtype = torch.float32,
+                 sync_bn: bool = False) -> None:
+        super().__init__()
+        self.queue_size, self.temperature = queue_size, temperature
+        self.knn_k, self.knn_weight = knn_k, knn_weight
+        self.shuffle_bn_groups = shuffle_bn_groups
+        self.sync_bn = sync_bn
+        self.encoder_q = Encoder(build_backbone(arch), hidden_dim=hidden_dim, out_dim=dim)
+        if sync_bn:
+            self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.register_buffer("key_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        channels = self.encoder_q.backbone.num_features
+        backbone_queue = F.normalize(torch.randn(queue_size, channels), dim=1) if knn_k > 0 else torch.zeros(0, channels)
+        self.register_buffer("backbone_queue", backbone_queue.to(backbone_queue_dtype))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_enqueued", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ momentum encoder
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """θ' = m·θ' + (1-m)·θ (parameters only; the key encoder's BN statistics come from its own forwards)."""
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, momentum)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def encode_keys(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Key encoder with shuffle-BN. x: [B, 3, H, W] -> (g_k [B, C], k [B, D]), both normalised, in input order.
+
+        Across processes: the global key batch is shuffled, each rank encodes a slice, then it is un-shuffled.
+        In one process: the batch is shuffled and split into ``shuffle_bn_groups`` groups whose BN statistics
+        are computed separately (each group is one forward).
+        """
+        if self.sync_bn:
+            g, k = self.encoder_k([x])
+            return F.normalize(g.float(), dim=1), F.normalize(k.float(), dim=1)
+        if get_world_size() > 1:
+            return self._encode_keys_ddp(x, generator)
+        batch = x.shape[0]
+        perm = torch.randperm(batch, device="cpu", generator=generator).to(x.device)
+        groups = max(1, min(self.shuffle_bn_groups, batch // 2))
+        outs = [self.encoder_k([chunk]) for chunk in x[perm].chunk(groups)]
+        g = torch.cat([o[0] for o in outs])
+        k = torch.cat([o[1] for o in outs])
+        inverse = torch.argsort(perm)
+        return F.normalize(g.float(), dim=1)[inverse], F.normalize(k.float(), dim=1)[inverse]
+
+    def _encode_keys_ddp(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+        world, rank, batch = get_world_size(), get_rank(), x.shape[0]
+        x_all = all_gather(x)
+        perm = torch.randperm(x_all.shape[0], device="cpu", generator=generator).to(x.device)
+        if dist.is_initialized():
+            dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
+        mine = perm[rank * batch:(rank + 1) * batch]
+        g, k = self.encoder_k([x_all[mine]])
+        g_all, k_all = all_gather(F.normalize(g.float(), dim=1)), all_gather(F.normalize(k.float(), dim=1))
+        inverse = torch.argsort(perm)[rank * batch:(rank + 1) * batch]
+        return g_all[inverse], k_all[inverse]
+
+    # ------------------------------------------------------------------ queues
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, backbone_keys: Optional[torch.Tensor] = None) -> None:
+        """FIFO-replace the oldest entries with ``keys`` [B_global, D] (and backbone keys [B_global, C])."""
+        n = keys.shape[0]
+        if self.queue_size % n != 0:
+            raise ValueError(f"queue size {self.queue_size} must be divisible by the global batch {n}")
+        ptr = int(self.queue_ptr)
+        self.key_queue[ptr:ptr + n] = keys.to(self.key_queue.dtype)
+        if self.knn_k > 0 and backbone_keys is not None:
+            self.backbone_queue[ptr:ptr + n] = backbone_keys.to(self.backbone_queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+        self.num_enqueued.add_(n)
+
+    # ------------------------------------------------------------------ step
+    def forward(self, views: List[torch.Tensor], *, momentum: float, use_knn: bool = False,
+                generator: Optional[torch.Generator] = None, query_encoder: Optional[nn.Module] = None) -> Tuple[Dict[str, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+        """views = [query (large crop 0), key (large crop 1), small crops...] each [B, 3, h, w].
+
+        Returns (losses and stats, (keys, backbone keys) to enqueue after the optimiser step, gathered
+        from all ranks). Losses use the queue state from before this step's enqueue.
+        ``query_encoder``: ``encoder_q`` wrapped in DDP when distributed (kept outside the state_dict).
+        """
+        queries = [views[0]] + list(views[2:])
+        g_q, z_q = (query_encoder or self.encoder_q)(queries)  # [B*(1+n), C], [B*(1+n), D]
+        q = F.normalize(z_q.float(), dim=1)
+        with torch.no_grad():
+            self.momentum_update(momentum)
+            g_k, k = self.encode_keys(views[1], generator)
+        repeats = len(queries)
+        k_rows = k.repeat(repeats, 1)  # every query row uses the one key of its image as positive
+        loss_inst, stats = instance_loss(q, k_rows, self.key_queue.detach().float(), temperature=self.temperature)
+        out = dict(stats, loss_inst=loss_inst.detach())
+        loss = loss_inst
+        if self.knn_k > 0 and use_knn:
+            neighbours = mine_neighbours(F.normalize(g_q.detach().float(), dim=1), self.backbone_queue, self.knn_k)
+            loss_nn = knn_positives_loss(q, self.key_queue.detach().float(), neighbours, temperature=self.temperature)
+            out["loss_nn"] = loss_nn.detach()
+            loss = loss + self.knn_weight * loss_nn
+        out["loss"] = loss
+        return out, (all_gather(k), all_gather(g_k))

@@ -1,0 +1,210 @@
+"""MoCo pretraining: ``train_one_epoch`` (the loop) and ``run_pretraining`` (set-up, resume, epochs)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from selfsup import checkpoint as ckpt
+from selfsup.config import save_config, to_dict
+from selfsup.distributed import DistEnv, all_gather, get_world_size, init_distributed
+from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.moco.config import PretrainConfig
+from selfsup.moco.model import MoCo
+from selfsup.schedule import cosine_lr
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepState:
+    """Where the run is: the epoch, the step inside it and the global step."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+class StopTraining(Exception):
+    """Raised to end a run early (``train.max_steps``); the checkpoint is already written."""
+
+
+def build_model(cfg: PretrainConfig, device: torch.device) -> MoCo:
+    model = MoCo(arch=cfg.model.arch, hidden_dim=cfg.model.hidden_dim, dim=cfg.model.dim,
+                 queue_size=cfg.moco.queue_size, temperature=cfg.moco.temperature, knn_k=cfg.moco.knn_k,
+                 knn_weight=cfg.moco.knn_weight, shuffle_bn_groups=cfg.model.shuffle_bn_groups,
+                 backbone_queue_dtype=getattr(torch, cfg.moco.backbone_queue_dtype),
+                 sync_bn=cfg.model.bn == "sync" and get_world_size() > 1)
+    model = model.to(device)
+    if device.type == "cuda" and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer: torch.optim.Optimizer, *,
+                    lr_at: Callable[[int], float], cfg: PretrainConfig, state: StepState, device: torch.device,
+                    writer: ScalarWriter, on_step_end: Callable[[StepState], None], steps: int,
+                    query_encoder: Optional[nn.Module] = None) -> Dict[str, float]:
+    """One epoch of MoCo steps from ``state.step_in_epoch`` to ``steps``; returns the epoch's mean loss."""
+    model.train()
+    amp = cfg.train.amp and device.type == "cuda"
+    use_knn = cfg.moco.knn_k > 0 and state.epoch >= cfg.moco.knn_warmup_epochs
+    total_loss, count = 0.0, 0
+    data_time = compute_time = 0.0
+    images_seen = 0
+    progress = tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
+                    disable=not writer.enabled, dynamic_ncols=True, leave=False)
+    end = time.perf_counter()
+    for views in loader:
+        if state.step_in_epoch >= steps:
+            break
+        start = time.perf_counter()
+        data_time += start - end
+        lr = lr_at(state.global_step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out, (keys, backbone_keys) = model(views, momentum=cfg.moco.momentum, use_knn=use_knn,
+                                               generator=generator, query_encoder=query_encoder)
+        loss = out["loss"]
+        loss_value = all_gather(loss.detach().reshape(1)).mean()
+        if not torch.isfinite(loss_value):
+            raise FloatingPointError(
+                f"non-finite loss {loss_value.item()} at epoch {state.epoch}, step {state.step_in_epoch} "
+                f"(global step {state.global_step}); the last good checkpoint in {cfg.output_dir} is untouched")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.enqueue(keys, backbone_keys)  # after the loss: this step's keys are not its own negatives
+        total_loss += loss_value.item()
+        count += 1
+        images_seen += views[0].shape[0] * get_world_size()
+        end = time.perf_counter()
+        compute_time += end - start
+        state.step_in_epoch += 1
+        state.global_step += 1
+        progress.update(1)
+        if state.global_step % cfg.train.log_every_steps == 0:
+            elapsed = data_time + compute_time
+            scalars = {k: v.item() for k, v in out.items()}
+            scalars.update(lr=lr, queue_fill=min(1.0, model.num_enqueued.item() / model.queue_size),
+                           images_per_s=images_seen / max(elapsed, 1e-9), data_time_fraction=data_time / max(elapsed, 1e-9))
+            writer.scalars(scalars, state.global_step, prefix="train/")
+            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}")
+            data_time = compute_time = 0.0
+            images_seen = 0
+        on_step_end(state)
+    progress.close()
+    return {"loss": total_loss / max(count, 1)}
+
+
+def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
+    """Set up (distributed, data, model, optimiser), resume from ``cfg.output_dir`` if possible, train."""
+    from selfsup.moco.data import build_knn_monitor, build_loader  # data set-up lives beside the loop
+
+    device = _device(cfg.train.device)
+    env = init_distributed(device_type=device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    run_dir = Path(cfg.output_dir)
+    setup_logging(run_dir, rank=env.rank)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    global_batch = cfg.optim.batch_size
+    if global_batch % env.world_size:
+        raise ValueError(f"optim.batch_size={global_batch} must be divisible by the world size {env.world_size}")
+    if cfg.moco.queue_size % global_batch:
+        raise ValueError(f"moco.queue_size={cfg.moco.queue_size} must be divisible by optim.batch_size={global_batch}")
+
+    model = build_model(cfg, device)
+    query_encoder: Optional[nn.Module] = None
+    if env.world_size > 1:
+        query_encoder = nn.parallel.DistributedDataParallel(
+            model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.model.compile:
+        model.encoder_q.backbone.compile()
+    base_lr = cfg.optim.lr * global_batch / 256
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    loader = build_loader(cfg, env, device)
+    steps = len(loader) if cfg.train.steps_per_epoch <= 0 else min(len(loader), cfg.train.steps_per_epoch)
+    total_steps = steps * cfg.train.epochs
+
+    def lr_at(step: int) -> float:
+        return cosine_lr(step, total_steps=total_steps, base_lr=base_lr, warmup_steps=cfg.optim.warmup_epochs * steps)
+
+    state = StepState()
+    last = ckpt.last_checkpoint(run_dir)
+    if last is not None:
+        state = _resume(last, model, optimizer)
+        logger.info("resumed from %s at epoch %d step %d (global step %d)", last, state.epoch,
+                    state.step_in_epoch, state.global_step)
+    writer = ScalarWriter(run_dir, enabled=env.is_main)
+    monitor = build_knn_monitor(cfg, device) if env.is_main else None
+
+    def save(s: StepState) -> None:
+        if env.is_main:
+            ckpt.save_checkpoint(_checkpoint_state(cfg, model, optimizer, s), run_dir / ckpt.LAST)
+
+    def on_step_end(s: StepState) -> None:
+        done_epoch = s.step_in_epoch >= steps
+        if done_epoch:
+            s.epoch, s.step_in_epoch = s.epoch + 1, 0
+        if done_epoch or s.global_step % cfg.train.checkpoint_every_steps == 0 or s.global_step == cfg.train.max_steps:
+            save(s)
+        if cfg.train.max_steps and s.global_step >= cfg.train.max_steps:
+            raise StopTraining
+
+    history = []
+    if monitor is not None and state.global_step == 0:
+        history.append({"epoch": 0, "knn_acc": monitor(model.encoder_q.backbone)})
+        writer.scalars({"knn_acc": history[-1]["knn_acc"]}, 0, prefix="monitor/")
+        logger.info("kNN monitor at init: %.2f%%", history[-1]["knn_acc"])
+    try:
+        while state.epoch < cfg.train.epochs:
+            epoch = state.epoch
+            loader.set_epoch(epoch, start_step=state.step_in_epoch)
+            stats = train_one_epoch(model, loader, optimizer, lr_at=lr_at, cfg=cfg, state=state, device=device,
+                                    writer=writer, on_step_end=on_step_end, steps=steps, query_encoder=query_encoder)
+            logger.info("epoch %d: loss %.4f", epoch, stats["loss"])
+            if monitor is not None and ((epoch + 1) % cfg.train.knn_every_epochs == 0 or epoch + 1 == cfg.train.epochs):
+                history.append({"epoch": epoch + 1, "knn_acc": monitor(model.encoder_q.backbone)})
+                writer.scalars({"knn_acc": history[-1]["knn_acc"]}, state.global_step, prefix="monitor/")
+                logger.info("kNN monitor after epoch %d: %.2f%%", epoch + 1, history[-1]["knn_acc"])
+    except StopTraining:
+        logger.info("stopped after %d steps (train.max_steps); resume by running the same command", state.global_step)
+    finally:
+        writer.close()
+    return {"global_step": state.global_step, "epoch": state.epoch, "knn": history}
+
+
+def _checkpoint_state(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, s: StepState) -> Dict[str, Any]:
+    return {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
+            "arch": cfg.model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": None, "config": to_dict(cfg), "rng": ckpt.rng_state()}
+
+
+def _resume(path: Path, model: MoCo, optimizer: torch.optim.Optimizer) -> StepState:
+    state = ckpt.load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    ckpt.set_rng_state(state["rng"])
+    return StepState(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available")
+    return torch.device(name)
