@@ -25,3 +25,24 @@ def run_env() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_data_cache(tmp_path_factory):
+    """Embedded data is generated once per test session into a temporary cache (never ~/.cache)."""
+    if "SCENESSL_DATA" not in os.environ or os.environ.get("CI"):
+        os.environ["SCENESSL_DATA"] = str(tmp_path_factory.mktemp("scenessl_data"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def embedded_root(_hermetic_data_cache):
+    from selfsup.data import ensure_embedded_data
+    return ensure_embedded_data()
+
+
+TINY_PRETRAIN = [
+    "model.arch=resnet_tiny", "model.hidden_dim=64", "model.dim=32", "augment.large_size=32",
+    "augment.small_size=16", "optim.batch_size=16", "moco.queue_size=64", "data.num_workers=0",
+    "train.log_every_steps=1", "train.knn_every_epochs=1",
+]

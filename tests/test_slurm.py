@@ -53,7 +53,7 @@ def slurm_cluster():
 
 def slurm_args(*argv: str) -> argparse.Namespace:
     parser = launcher.add_launch_args(argparse.ArgumentParser())
-    return parser.parse_args(["--slurm", "--cpus-per-task", "1", "--timeout-min", "10", *argv])
+    return parser.parse_args(["--slurm", "--cpus-per-task", "1", "--timeout-min", "30", *argv])
 
 
 def job_state(job_id: str) -> str:
@@ -146,3 +146,26 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
     assert resumes()[1] > first_resume
     assert result == reference
     assert json.loads((run / "final.json").read_text()) == reference
+
+
+@pytest.mark.timeout(150)
+def test_pretrain_entry_point_on_slurm(slurm_cluster, tmp_path):
+    """launch/pretrain.py --slurm: a tiny 2-process MoCo run writes its checkpoint and TensorBoard events."""
+    import submitit
+
+    repo = HERE.parent
+    out = tmp_path / "pretrain"
+    cmd = [sys.executable, str(repo / "launch" / "pretrain.py"), "--slurm", "--tasks-per-node", "2",
+           "--cpus-per-task", "1", "--timeout-min", "30", "--output-dir", str(out),
+           "--epochs", "1", "--arch", "resnet_tiny", "--batch-size", "16", "--workers", "0",
+           "model.hidden_dim=64", "moco.queue_size=64", "train.steps_per_epoch=2", "augment.large_size=32",
+           "data.knn_monitor=none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=120)
+    assert proc.returncode == 0, f"submission failed:\n{proc.stdout}\n{proc.stderr}"
+    match = re.search(r"submitted job (\S+):", proc.stdout)
+    assert match, proc.stdout
+    job = submitit.SlurmJob(folder=out / "slurm", job_id=match.group(1), tasks=(0, 1))
+    wait_done(job, timeout=120)
+    assert (out / "checkpoint.pth").is_file(), sorted(p.name for p in out.iterdir())
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events in the run directory"
+    assert "world size 2" in job_logs(job) or (out / "log_rank1.txt").is_file()

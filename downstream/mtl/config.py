@@ -10,10 +10,11 @@ class DataConfig:
     dataset: str = "nyud"  # nyud | pascal_context
     root: str = "embedded"  # a folder in the dataset's layout, or 'embedded' (generated synthetic data)
     tasks: List[str] = field(default_factory=lambda: ["semseg", "depth"])  # main tasks: evaluated
-    auxiliary_tasks: List[str] = field(default_factory=lambda: ["normals", "edge"])  # supervise initial predictions
+    auxiliary_tasks: List[str] = field(default_factory=list)  # supervised (initial predictions), not evaluated
     train_split: str = "train"
     val_split: str = "val"
-    crop_size: Tuple[int, int] = (480, 640)  # NYUD 480x640, PASCAL 512x512
+    # training crop (H, W): NYUD 480x640, PASCAL 512x512; null = the size of the first training image
+    crop_size: Optional[Tuple[int, int]] = None
     scales: List[float] = field(default_factory=lambda: [1.0, 1.2, 1.5])
     batch_size: int = 8
     eval_batch_size: int = 8

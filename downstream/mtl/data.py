@@ -31,10 +31,18 @@ def collate_padded(samples: Sequence[Dict[str, object]]) -> Dict[str, object]:
     return batch
 
 
+def resolve_crop_size(cfg: DataConfig) -> Tuple[int, int]:
+    """``cfg.crop_size``, or the size of the first training image when it is null."""
+    if cfg.crop_size is not None:
+        return tuple(cfg.crop_size)  # type: ignore[return-value]
+    train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=[], transform=None)
+    return tuple(train[0]["image"].shape[-2:])  # type: ignore[index,return-value]
+
+
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     tasks = list(cfg.tasks) + list(cfg.auxiliary_tasks)
     train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=tasks,
-                          transform=train_transform(tuple(cfg.crop_size), cfg.scales))
+                          transform=train_transform(resolve_crop_size(cfg), cfg.scales))
     val = build_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, tasks=list(cfg.tasks), transform=eval_transform())
     if cfg.max_train_images:
         train = Subset(train, range(min(cfg.max_train_images, len(train))))

@@ -56,10 +56,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
         total.backward()
         optimizer.step()
         step += 1
-        bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}")
+        loss_value = float(total.detach())
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         bar.update()
         if writer is not None and (step % log_every == 0 or i == num_iters - 1):
-            writer.scalars({"loss": float(total), "lr": lr, **{k: float(v) for k, v in terms.items()}}, step, prefix="train/")
+            writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()}}, step, prefix="train/")
     bar.close()
     return step
 

@@ -1,7 +1,7 @@
 """Typed configuration of the pretraining view generation (a sub-section of the pretraining config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Tuple
 
 CONSTRAINTS = ("overlap", "inside", "none")

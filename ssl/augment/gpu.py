@@ -49,10 +49,18 @@ def decode_on_device(items: Sequence[torch.Tensor], device: torch.device) -> Lis
             decoded = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
         except RuntimeError as err:  # e.g. CMYK or progressive files nvjpeg rejects
             log.warning("batched device JPEG decode failed (%s); decoding on the CPU", err)
-            decoded = [decode_jpeg(items[i], mode=ImageReadMode.RGB).to(device) for i in encoded]
+            decoded = [_decode_or_blank(items[i]).to(device) for i in encoded]
         for i, im in zip(encoded, decoded):
             out[i] = im
     return out
+
+
+def _decode_or_blank(data: torch.Tensor) -> torch.Tensor:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:  # a corrupt body behind a valid header: a flat grey image stands in
+        log.warning("undecodable JPEG (%s); using a grey image", err)
+        return torch.full((3, 1, 1), 128, dtype=torch.uint8)
 
 
 class GpuMultiViewAugment:

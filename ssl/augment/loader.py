@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -64,16 +64,16 @@ class PretrainViews(Dataset):
             with open_lazy(path) as img:
                 return self.transform(img, index, epoch=epoch)
         data = Path(path).read_bytes() if self.mode == "bytes" else None
-        img = open_lazy(data if data is not None else path)
-        width, height = img.size
-        params = sample_view_params(self.cfg, self.seed, epoch, index, height, width)
-        boxes = [p.box for p in params]
-        if data is not None and is_jpeg(data):  # decoded on the device, at full size
-            xyxy = torch.tensor([(l, t, l + w, t + h) for t, l, h, w in boxes], dtype=torch.float32)
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), xyxy, params
-        sizes = [self.cfg.view_size(v) for v in range(len(params))]
-        rgb, xyxy = decode_reduced(img, boxes, sizes)
-        region, rel = crop_region(rgb, xyxy)
+        with open_lazy(data if data is not None else path) as img:
+            width, height = img.size
+            params = sample_view_params(self.cfg, self.seed, epoch, index, height, width)
+            boxes = [p.box for p in params]
+            if data is not None and is_jpeg(data):  # decoded on the device, at full size
+                xyxy = torch.tensor([(l, t, l + w, t + h) for t, l, h, w in boxes], dtype=torch.float32)
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), xyxy, params
+            sizes = [self.cfg.view_size(v) for v in range(len(params))]
+            rgb, xyxy = decode_reduced(img, boxes, sizes)
+            region, rel = crop_region(rgb, xyxy)
         return region, rel, params
 
 

@@ -84,6 +84,7 @@ def resolve_data_root(name: str, root: Optional[Union[str, Path]] = None) -> Pat
         if found is not None:
             return found
         tried.append(f"{source} -> {Path(value).expanduser()}: missing or not in the expected layout")
+        break  # the first value given decides; a wrong explicit root never falls back silently
     raise FileNotFoundError(
         f"no data root for dataset {name!r}. Tried: " + "; ".join(tried) + ". "
         f"Expected layout: {LAYOUTS[name][1]}. Pass root=<path>, set ${variable}=<path>, or use "

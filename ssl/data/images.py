@@ -47,7 +47,9 @@ class _SkippingImageFiles(Dataset):
             raise FileNotFoundError("no images found")
         self.files = files
         self.transform = transform
-        self._bad = multiprocessing.Array("b", len(files))  # shared with forked/spawned workers
+        # one flag per file in shared memory, inherited by forked and spawned DataLoader workers;
+        # lock-free: workers only ever set a flag to 1
+        self._bad = multiprocessing.RawArray("b", len(files))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -55,11 +57,11 @@ class _SkippingImageFiles(Dataset):
     @property
     def num_skipped(self) -> int:
         """Distinct unreadable files met so far, in any process."""
-        return int(np.frombuffer(self._bad.get_obj(), np.int8).sum())
+        return int(np.frombuffer(self._bad, np.int8).sum())
 
     @property
     def skipped_files(self) -> List[Path]:
-        bad = np.frombuffer(self._bad.get_obj(), np.int8)
+        bad = np.frombuffer(self._bad, np.int8)
         return [self.files[i] for i in np.flatnonzero(bad)]
 
     def _read(self, index: int) -> Tuple[Image.Image, int]:

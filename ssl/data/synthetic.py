@@ -14,7 +14,7 @@ import tempfile
 import time
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.io
@@ -126,8 +126,8 @@ def _write_nyud(out: Path, i: int, size: int, seed: int, num: int) -> None:
     _save_jpeg(out / "images" / f"{name}.jpg", labels["image"])
     Image.fromarray(seg).save(out / "segmentation" / f"{name}.png")
     np.save(out / "depth" / f"{name}.npy", depth)
-    np.save(out / "normals" / f"{name}.npy", normals)
-    np.save(out / "edge" / f"{name}.npy", label_boundaries(seg).astype(np.float32))
+    np.save(out / "normals" / f"{name}.npy", normals.astype(np.float16))  # readers cast to float32
+    np.save(out / "edge" / f"{name}.npy", label_boundaries(seg).astype(np.uint8))
 
 
 def _davis_scene(seed: int, i: int, size: int):
@@ -302,6 +302,7 @@ def ensure_embedded_data(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         generate_datasets(tmp, size=size, num=num, seed=seed, workers=workers or min(4, os.cpu_count() or 1))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, target)
         except OSError:

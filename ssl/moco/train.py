@@ -63,8 +63,6 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
                     disable=not writer.enabled, dynamic_ncols=True, leave=False)
     end = time.perf_counter()
     for views in loader:
-        if state.step_in_epoch >= steps:
-            break
         start = time.perf_counter()
         data_time += start - end
         lr = lr_at(state.global_step)
@@ -101,7 +99,10 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
             progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}")
             data_time = compute_time = 0.0
             images_seen = 0
-        on_step_end(state)
+        epoch_done = state.step_in_epoch >= steps
+        on_step_end(state)  # checkpoints; rolls the state over to the next epoch
+        if epoch_done:
+            break
     progress.close()
     return {"loss": total_loss / max(count, 1)}
 

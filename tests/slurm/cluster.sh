@@ -72,6 +72,8 @@ SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=cred_expire=5
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -100,13 +102,11 @@ InactiveLimit=0
 WaitTime=0
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
-RequeueExit=
 JobRequeue=1
 NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
 # OverSubscribe=FORCE lets a few small test jobs share the CPUs of this one node
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
-    sed -i '/^RequeueExit=$/d' "$CONF"
     if [ -d /etc/slurm ] || mkdir -p /etc/slurm 2>/dev/null; then
         if [ ! -e /etc/slurm/slurm.conf ] || head -1 /etc/slurm/slurm.conf | grep -qF "$MARK"; then
             cp "$CONF" /etc/slurm/slurm.conf 2>/dev/null || true

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Multi-task dense prediction finetuning: single-task baselines, MTL baseline, PAD-Net, MTI-Net.
+
+Examples:
+  python downstream/finetune_mtl.py --weights moco.pth                       # MTI-Net on embedded NYUD-format data
+  python downstream/finetune_mtl.py --config configs/nyud/single_task_semseg.yaml --single-task-results runs/nyud_st.json
+  python downstream/finetune_mtl.py --config configs/nyud/mti_net.yaml --single-task-results runs/nyud_st.json \\
+      --weights checkpoint.pth data.root=/data/NYUD_MT                         # Δ_MTL against the single-task runs
+  python downstream/finetune_mtl.py --config configs/pascal/mti_net.yaml --weights none --slurm --gpus-per-node 1
+Any config key can be set as key=value (see downstream/mtl/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Optional
+
+from selfsup.config import load_config
+from selfsup.launcher import add_launch_args, launch
+
+from downstream.mtl.config import MTLConfig
+from downstream.mtl.train import run_finetune
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. optim.lr=1e-4 model.backbone=resnet50")
+    p.add_argument("--config", help="YAML with the differences from the defaults (configs/nyud/*.yaml, configs/pascal/*.yaml)")
+    p.add_argument("--weights", help="backbone weights: our pretraining / MoCo / torchvision checkpoint, or 'none'")
+    p.add_argument("--single-task-results", help="JSON of single-task metrics: single-task runs add to it, MTL runs report Δ_MTL")
+    p.add_argument("--data-root", help="dataset folder in its on-disk layout, or 'embedded' (default)")
+    p.add_argument("--output-dir", help="run directory (config, checkpoints, TensorBoard, results); runs resume from it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    add_launch_args(p)
+    return p.parse_args(argv)
+
+
+def flag_updates(args: argparse.Namespace) -> Dict[str, Any]:
+    flags = {("model", "weights"): args.weights, ("eval", "single_task_results"): args.single_task_results,
+             ("data", "root"): args.data_root, ("output_dir",): args.output_dir, ("epochs",): args.epochs,
+             ("data", "batch_size"): args.batch_size, ("optim", "lr"): args.lr}
+    updates: Dict[str, Any] = {}
+    for path, value in flags.items():
+        if value is not None:
+            node = updates
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+    return updates
+
+
+def main(argv: Optional[List[str]] = None) -> Any:
+    args = parse_args(argv)
+
+    def make_cfg(extra: List[str]) -> MTLConfig:
+        return load_config(MTLConfig, yaml_path=args.config, updates=flag_updates(args),
+                           overrides=list(args.overrides) + list(extra))
+
+    return launch(run_finetune, make_cfg, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Multi-task finetuning run: ``run_finetune(cfg)`` sets everything up, trains, evaluates, writes results.
+
+The run directory (``cfg.output_dir``) holds config.yaml, checkpoint.pth (atomic, resumed automatically),
+TensorBoard events, model_report.json and results.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfsup.checkpoint import last_checkpoint, load_backbone_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from selfsup.config import save_config, to_dict
+from selfsup.distributed import barrier, init_distributed
+from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.schedule import poly_lr
+
+from .config import MTLConfig
+from .data import build_loaders, resolve_crop_size
+from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
+from .engine import evaluate, train_one_epoch
+from .flops import format_report, model_cost, relative_report
+from .losses import MultiTaskLoss
+from .models import build_model
+from .tasks import TaskSet, loss_weights
+
+logger = logging.getLogger(__name__)
+
+
+def task_set(cfg: MTLConfig) -> TaskSet:
+    return TaskSet(cfg.data.dataset, tuple(cfg.data.tasks), tuple(cfg.data.auxiliary_tasks),
+                   outputs=dict(cfg.model.num_outputs) or None)
+
+
+def model_from_config(cfg: MTLConfig, *, arch: str | None = None, tasks: TaskSet | None = None) -> nn.Module:
+    m = cfg.model
+    return build_model(arch or m.arch, tasks=tasks or task_set(cfg), backbone=m.backbone, output_stride=m.output_stride,
+                       neck=m.neck, fpn_channels=m.fpn_channels, head=m.head, head_channels=m.head_channels,
+                       task_channels=m.task_channels, aspp_rates=m.aspp_rates)
+
+
+def model_report(cfg: MTLConfig) -> Dict[str, Any]:
+    """Params and FLOPs at the training crop size, relative to one single-task model per main task."""
+    tasks = task_set(cfg)
+    size = resolve_crop_size(cfg.data)
+    cost = model_cost(lambda: model_from_config(cfg), size)
+    single = {t: model_cost(lambda t=t: model_from_config(cfg, arch="single_task", tasks=TaskSet(tasks.dataset, (t,), (),
+                                                                                           tasks.outputs)), size)
+              for t in tasks.main}
+    return {**relative_report(cfg.model.arch, cost, single), "input_size": list(size),
+            "single_task": {t: c for t, c in single.items()}}
+
+
+def build_optimizer(cfg: MTLConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=False)
+    raise ValueError(f"unknown optimizer {o.optimizer!r}; known: adam, sgd")
+
+
+def _check_single_task_reference(cfg: MTLConfig, tasks: TaskSet) -> None:
+    """Fail before training when an MTL run cannot compute Δ_MTL at the end."""
+    if cfg.eval.single_task_results and cfg.model.arch != "single_task":
+        reference = load_single_task_results(cfg.eval.single_task_results)
+        missing = [t for t in tasks.main if t not in reference]
+        if missing:
+            raise MissingSingleTaskResults(f"{cfg.eval.single_task_results} has no single-task result for {missing} "
+                                           f"(has {sorted(reference)}); run configs/{tasks.dataset.replace('_context', '')}/"
+                                           f"single_task_{missing[0]}.yaml with the same --single-task-results first")
+
+
+def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
+    """Train and evaluate one multi-task (or single-task) model; returns the results dict."""
+    env = init_distributed(device_type="cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    out = Path(cfg.output_dir)
+    setup_logging(out, rank=env.rank)
+    device = torch.device(f"cuda:{env.local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    use_amp, channels_last = cfg.amp and device.type == "cuda", cfg.channels_last and device.type == "cuda"
+    torch.manual_seed(cfg.seed + env.rank)
+    random.seed(cfg.seed + env.rank)
+    np.random.seed(cfg.seed + env.rank)
+    tasks = task_set(cfg)
+    _check_single_task_reference(cfg, tasks)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=resolve_crop_size(cfg.data)))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    report = model_report(cfg)
+    logger.info("model: %s", format_report(report))
+    if env.is_main:
+        (out / "model_report.json").write_text(json.dumps(report, indent=2))
+
+    model = model_from_config(cfg)
+    if cfg.model.weights.lower() != "none":
+        load_backbone_weights(model.encoder.backbone, cfg.model.weights)
+        logger.info("backbone weights: %s", cfg.model.weights)
+    else:
+        logger.info("backbone: random init (--weights none)")
+    model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if env.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    forward_model = torch.compile(model) if cfg.compile else model
+
+    train_loader, val_loader = build_loaders(cfg.data, seed=cfg.seed, distributed=env.world_size > 1)
+    criterion = MultiTaskLoss(loss_weights(tasks.dataset, tasks.all, cfg.optim.loss_weights))
+    optimizer = build_optimizer(cfg, model)
+    iters = len(train_loader) if not cfg.max_iters_per_epoch else min(cfg.max_iters_per_epoch, len(train_loader))
+    total_steps = cfg.epochs * iters
+    lr_at = lambda step: poly_lr(step, total_steps=total_steps, base_lr=cfg.optim.lr, power=cfg.optim.poly_power)  # noqa: E731
+
+    start_epoch, step = 0, 0
+    resume = last_checkpoint(out)
+    if resume is not None:
+        state = load_checkpoint(resume)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
+
+    writer = ScalarWriter(out / "tb", enabled=env.is_main)
+    common = dict(tasks=tasks.main, num_outputs=tasks.channels(), device=device, amp=use_amp, channels_last=channels_last,
+                  edge_thresholds=cfg.eval.edge_thresholds, edge_tolerance=cfg.eval.edge_tolerance, progress=cfg.progress and env.is_main)
+    start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        step = train_one_epoch(forward_model, train_loader, criterion, optimizer, lr_at=lr_at, step=step, epoch=epoch,
+                               tasks=tasks.all, device=device, amp=use_amp, channels_last=channels_last,
+                               max_iters=cfg.max_iters_per_epoch, writer=writer, log_every=cfg.log_every,
+                               progress=cfg.progress and env.is_main)
+        if env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            save_checkpoint({"epoch": epoch + 1, "step": step, "arch": cfg.model.arch, "model": net.state_dict(),
+                             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_state()},
+                            out / "checkpoint.pth")
+        if env.is_main and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.epochs:
+            vis = cfg.vis_every and (epoch + 1) % cfg.vis_every == 0
+            metrics = evaluate(net, val_loader, writer=writer if vis else None, step=step, **common)
+            for t, values in metrics.items():
+                writer.scalars(values, step, prefix=f"val/{t}/")
+            logger.info("epoch %d: %s", epoch + 1, _summary(metrics))
+        barrier()
+    train_time = time.time() - start
+
+    results: Dict[str, Any] = {}
+    if env.is_main:
+        metrics = evaluate(net, val_loader, writer=writer if cfg.vis_every else None, step=step, **common)
+        for t, values in metrics.items():
+            writer.scalars(values, step, prefix=f"val/{t}/")
+        results = _results(cfg, tasks, metrics, report, train_time)
+        if results.get("delta_mtl") is not None:
+            writer.scalars({"delta_mtl": results["delta_mtl"]}, step, prefix="val/")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        logger.info("results: %s%s", _summary(metrics),
+                    "" if results.get("delta_mtl") is None else f" | Δ_MTL {results['delta_mtl']:+.2f}%")
+        writer.close()
+    barrier()
+    return results
+
+
+def _results(cfg: MTLConfig, tasks: TaskSet, metrics: Dict[str, Dict[str, float]], report: Dict[str, Any],
+             train_time: float) -> Dict[str, Any]:
+    results: Dict[str, Any] = {"arch": cfg.model.arch, "dataset": tasks.dataset, "tasks": list(tasks.main),
+                               "auxiliary_tasks": list(tasks.auxiliary), "backbone": cfg.model.backbone,
+                               "weights": cfg.model.weights, "epochs": cfg.epochs, "metrics": metrics,
+                               "params": report["params"], "flops": report["flops"], "params_rel": report["params_rel"],
+                               "flops_rel": report["flops_rel"], "train_time_s": train_time, "delta_mtl": None}
+    path = cfg.eval.single_task_results
+    if path and cfg.model.arch == "single_task":
+        record_single_task_result(path, tasks.main[0], metrics[tasks.main[0]],
+                                  extra={"params": report["params"], "flops": report["flops"]})
+    elif path:
+        results["delta_mtl"] = delta_mtl(metrics, load_single_task_results(path), tasks.main)
+    return results
+
+
+def _summary(metrics: Dict[str, Dict[str, float]]) -> str:
+    from .tasks import MAIN_METRIC
+
+    return ", ".join(f"{t} {MAIN_METRIC[t]} {v[MAIN_METRIC[t]]:.4g}" for t, v in metrics.items())

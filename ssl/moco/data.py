@@ -1,0 +1,60 @@
+"""Data set-up of a pretraining run: the view loader and the online kNN monitor."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
+from selfsup.data import EMBEDDED, build_dataset
+from selfsup.distributed import DistEnv
+from selfsup.knn_monitor import extract_features, knn_accuracy
+from selfsup.moco.config import PretrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def pretrain_files(name: str, root: Optional[str]) -> List[str]:
+    """Image files of the pretraining set: a registered name (``coco``, ``embedded``, ...) or a folder."""
+    if name == EMBEDDED:
+        name, root = "coco", root or EMBEDDED
+    dataset = build_dataset(name, root=root)
+    return [str(f) for f in dataset.files]
+
+
+def build_loader(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> PretrainLoader:
+    files = pretrain_files(cfg.data.name, cfg.data.root)
+    gpu_aug = device.type == "cuda" if cfg.data.gpu_aug is None else cfg.data.gpu_aug
+    per_rank = cfg.optim.batch_size // env.world_size
+    if len(files) < cfg.optim.batch_size:
+        raise ValueError(f"{len(files)} images in {cfg.data.name!r} but optim.batch_size={cfg.optim.batch_size}")
+    logger.info("pretraining on %d images from %s (%s augmentation, %d per process)", len(files), cfg.data.name,
+                "GPU" if gpu_aug else "CPU", per_rank)
+    return build_pretrain_loader(files, cfg.augment, batch_size=per_rank, num_workers=cfg.data.num_workers,
+                                 seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=device,
+                                 gpu_aug=gpu_aug)
+
+
+def build_knn_monitor(cfg: PretrainConfig, device: torch.device) -> Optional[Callable[[nn.Module], float]]:
+    """``monitor(backbone) -> kNN top-1 (%)`` on the labelled classification set, or None when off."""
+    if cfg.data.knn_monitor == "none":
+        return None
+    name, root = cfg.data.knn_monitor, cfg.data.knn_monitor_root
+    if name == EMBEDDED:
+        name, root = "classification", root or EMBEDDED
+    size = cfg.augment.large_size
+    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize(cfg.augment.mean, cfg.augment.std)])
+    sets = [build_dataset(name, root=root, split=split, transform=transform) for split in ("train", "val")]
+    loaders = [DataLoader(ds, batch_size=256, num_workers=min(2, cfg.data.num_workers)) for ds in sets]
+    num_classes = len(sets[0].classes)
+
+    def monitor(backbone: nn.Module) -> float:
+        train, val = (extract_features(backbone, loader, device=device) for loader in loaders)
+        return knn_accuracy(train, val, num_classes=num_classes, k=20, temperature=0.07)
+
+    return monitor

@@ -1,0 +1,161 @@
+"""MoCo core: queue, momentum update, loss, shuffle-BN, DDP queue agreement, resume, NaN guard."""
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.nn import functional as F
+
+from conftest import TINY_PRETRAIN
+from selfsup import checkpoint as ckpt
+from selfsup.config import load_config
+from selfsup.moco import model as moco_model
+from selfsup.moco.config import PretrainConfig
+from selfsup.moco.losses import instance_loss
+from selfsup.moco.model import MoCo
+from selfsup.moco.train import run_pretraining
+
+
+def tiny_moco(**kw):
+    args = dict(arch="resnet_tiny", hidden_dim=32, dim=8, queue_size=12)
+    args.update(kw)
+    return MoCo(**args)
+
+
+def test_queue_fifo_and_pointer_wrap():
+    m = tiny_moco()
+    assert int(m.queue_ptr) == 0
+    batches = [torch.full((4, 8), float(i)) for i in range(4)]
+    for b in batches[:3]:
+        m.enqueue(b)
+    assert int(m.queue_ptr) == 0  # 12 / 4: wrapped
+    assert torch.equal(m.key_queue[:4], batches[0]) and torch.equal(m.key_queue[8:], batches[2])
+    m.enqueue(batches[3])  # oldest entries are replaced first
+    assert torch.equal(m.key_queue[:4], batches[3]) and torch.equal(m.key_queue[4:8], batches[1])
+    assert int(m.queue_ptr) == 4 and int(m.num_enqueued) == 16
+    with pytest.raises(ValueError, match="divisible"):
+        m.enqueue(torch.zeros(5, 8))
+
+
+def test_momentum_update_math():
+    m = tiny_moco()
+    with torch.no_grad():
+        for p in m.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    q = [p.clone() for p in m.encoder_q.parameters()]
+    k = [p.clone() for p in m.encoder_k.parameters()]
+    m.momentum_update(0.9)
+    for pq, pk, new in zip(q, k, m.encoder_k.parameters()):
+        assert torch.allclose(new, 0.9 * pk + 0.1 * pq, atol=1e-6)
+    assert all(not p.requires_grad for p in m.encoder_k.parameters())
+
+
+def test_instance_loss_hand_computed():
+    q = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=1)
+    k = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0]]), dim=1)
+    queue = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    tau = 0.2
+    expected = 0.0
+    for i in range(2):
+        pos = float(q[i] @ k[i])
+        negs = [float(q[i] @ n) for n in queue]
+        logits = [pos / tau] + [n / tau for n in negs]
+        expected += -(logits[0] - math.log(sum(math.exp(v) for v in logits)))
+    loss, stats = instance_loss(q, k, queue, temperature=tau)
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    assert stats["logit_pos"].item() == pytest.approx((0.8 + 0.8) / 2, rel=1e-5)
+
+
+def test_shuffle_bn_keeps_key_order():
+    torch.manual_seed(0)
+    m = tiny_moco(shuffle_bn_groups=4)
+    x = torch.randn(8, 3, 32, 32)
+    m.encoder_k.eval()  # running statistics: the result must not depend on the shuffle
+    g, k = m.encode_keys(x, torch.Generator().manual_seed(1))
+    g_ref, k_ref = m.encoder_k([x])
+    assert torch.allclose(k, F.normalize(k_ref, dim=1), atol=1e-5)
+    assert torch.allclose(g, F.normalize(g_ref, dim=1), atol=1e-5)
+    m.encoder_k.train()  # train mode: each group has its own BN statistics -> differs from one batch
+    _, k_grouped = m.encode_keys(x, torch.Generator().manual_seed(1))
+    _, k_whole = m.encoder_k([x])
+    assert not torch.allclose(k_grouped, F.normalize(k_whole, dim=1), atol=1e-3)
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from selfsup.distributed import all_gather, cleanup, init_distributed
+    init_distributed(device_type="cpu")
+    torch.manual_seed(0)  # same init on every rank
+    m = tiny_moco(queue_size=16)
+    torch.manual_seed(100 + rank)  # different data per rank
+    for step in range(3):
+        views = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+        out, (keys, gkeys) = m(views, momentum=0.99, generator=torch.Generator().manual_seed(step))
+        assert keys.shape[0] == 4  # gathered from both ranks
+        m.enqueue(keys, gkeys)
+    torch.save({"queue": m.key_queue.clone(), "ptr": int(m.queue_ptr)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    cleanup()
+
+
+def test_ddp_two_processes_same_queue(tmp_path):
+    from selfsup.launcher import free_port
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["ptr"] == r1["ptr"] == 12
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert not torch.equal(r0["queue"][:4], r0["queue"][4:8])
+
+
+def _cfg(out, *extra):
+    return load_config(PretrainConfig, overrides=TINY_PRETRAIN + [f"output_dir={out}", "data.knn_monitor=none"] + list(extra))
+
+
+def test_resume_is_bit_exact(tmp_path, embedded_root):
+    common = ["train.epochs=2", "train.steps_per_epoch=4", "train.checkpoint_every_steps=100"]
+    run_pretraining(_cfg(tmp_path / "full", *common))
+    stopped = run_pretraining(_cfg(tmp_path / "resumed", *common, "train.max_steps=3"))  # "killed" mid-epoch 0
+    assert stopped["global_step"] == 3
+    partial = ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
+    assert partial["global_step"] == 3 and partial["step_in_epoch"] == 3
+    run_pretraining(_cfg(tmp_path / "resumed", *common))  # same command again: resumes
+    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoint.pth")
+    b = ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
+    assert a["global_step"] == b["global_step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, embedded_root, monkeypatch):
+    calls = {"n": 0}
+    real = moco_model.instance_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 3 else loss), stats
+
+    monkeypatch.setattr(moco_model, "instance_loss", poisoned)
+    cfg = _cfg(tmp_path, "train.epochs=3", "train.steps_per_epoch=4", "train.checkpoint_every_steps=2")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* epoch 0, step 3"):
+        run_pretraining(cfg)
+    state = ckpt.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_knn_monitor_and_tensorboard_written(tmp_path, embedded_root):
+    cfg = load_config(PretrainConfig, overrides=TINY_PRETRAIN + [f"output_dir={tmp_path}", "train.epochs=1",
+                                                                 "train.steps_per_epoch=2"])
+    result = run_pretraining(cfg)
+    assert [h["epoch"] for h in result["knn"]] == [0, 1]
+    assert all(0.0 <= h["knn_acc"] <= 100.0 for h in result["knn"])
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/logit_pos", "train/logit_neg", "train/queue_fill",
+            "train/images_per_s", "train/data_time_fraction", "monitor/knn_acc"} <= tags
