@@ -1,8 +1,9 @@
 """Pretraining input-pipeline throughput, side by side in one run:
 
-  (a) compute ceiling: a training step on views already on the device (``measure_train_step``)
-  (b) end-to-end GPU path: nvjpeg decode (CPU decode without CUDA) + batched device augmentation
-  (c) CPU path: torchvision/PIL augmentation in DataLoader workers
+  (a) compute ceiling: MoCo training steps on views already on the device
+  (b) end to end, GPU path: nvjpeg decode (CPU decode without CUDA) + batched device augmentation + step
+  (c) end to end, CPU path: torchvision/PIL augmentation in DataLoader workers + step
+plus each loader alone, peak GPU memory and the ratios b/a and b/c.
 
     python launch/bench_pretrain.py --arch resnet50 --recipe ours --batch-size 256 --steps 50 --data /coco/train2017
     python launch/bench_pretrain.py --arch resnet18 --recipe moco --batch-size 8 --steps 3   # CPU smoke run
@@ -21,6 +22,7 @@ import torchvision
 from PIL import Image
 
 from selfsup.augment import AugmentConfig, PretrainLoader, build_pretrain_loader
+from selfsup.moco.model import MoCo
 
 StepFn = Callable[[List[torch.Tensor]], None]
 
@@ -62,19 +64,49 @@ def measure_train_step(model_step_fn: StepFn, views: List[torch.Tensor], steps: 
     return steps * views[0].shape[0] / (time.perf_counter() - start)
 
 
-def backbone_step_fn(arch: str, device: torch.device) -> StepFn:
-    """A stand-in training step: forward + backward + SGD of a torchvision backbone on every view."""
-    model = getattr(torchvision.models, arch)(num_classes=128).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+def moco_step_fn(arch: str, recipe: str, batch_size: int, device: torch.device) -> StepFn:
+    """One real MoCo training step (the model of ``launch/pretrain.py``): bf16 autocast and
+    channels_last on CUDA, fp32 on CPU; kNN positives on for the improved recipe."""
+    queue = 65536 if 65536 % batch_size == 0 else batch_size * 16
+    model = MoCo(arch=arch, queue_size=queue, knn_k=20 if recipe == "ours" else 0).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    momentum = 0.999 if recipe == "moco" else 0.995
 
     def step(views: List[torch.Tensor]) -> None:
+        if device.type == "cuda":
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = sum(model(v.contiguous(memory_format=torch.channels_last)).float().pow(2).mean() for v in views)
+            out, keys = model(views, momentum=momentum, use_knn=recipe == "ours")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out["loss"].backward()
         opt.step()
+        model.enqueue(*keys)
 
     return step
+
+
+def measure_end_to_end(loader: PretrainLoader, step_fn: StepFn, steps: int, warmup: int = 2) -> float:
+    """Images per second of training steps fed by ``loader`` (decode + augmentation + step)."""
+    def batches() -> Iterable[List[torch.Tensor]]:
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+    for _ in range(warmup):
+        step_fn(next(it))
+    _sync(loader.device)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        views = next(it)
+        step_fn(views)
+        images += views[0].shape[0]
+    _sync(loader.device)
+    return images / (time.perf_counter() - start)
 
 
 def make_jpeg_folder(root: str, count: int, size=(640, 480), seed: int = 0) -> str:
@@ -94,15 +126,17 @@ def run(args: argparse.Namespace, step_fn: Optional[StepFn] = None) -> dict:
     cpu_loader = build_pretrain_loader(args.data, cfg, gpu_aug=False, **common)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    results = {"gpu_decode_gpu_aug": measure_loader(gpu_loader, args.steps)}
-    if device.type == "cuda":
-        results["gpu_aug_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    results["cpu_torchvision"] = measure_loader(cpu_loader, args.steps)
-    step_fn = step_fn or backbone_step_fn(args.arch, device)
+    step_fn = step_fn or moco_step_fn(args.arch, args.recipe, args.batch_size, device)
     views = next(iter(gpu_loader))
-    results["compute_ceiling"] = measure_train_step(step_fn, views, args.steps)
+    results = {"a_compute_ceiling": measure_train_step(step_fn, views, args.steps)}
+    results["b_end_to_end_gpu_aug"] = measure_end_to_end(gpu_loader, step_fn, args.steps)
+    results["c_end_to_end_cpu_aug"] = measure_end_to_end(cpu_loader, step_fn, args.steps)
+    results["loader_only_gpu_aug"] = measure_loader(gpu_loader, args.steps)
+    results["loader_only_cpu_aug"] = measure_loader(cpu_loader, args.steps)
     if device.type == "cuda":
         results["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    results["ratio_b_over_a"] = results["b_end_to_end_gpu_aug"] / results["a_compute_ceiling"]
+    results["ratio_b_over_c"] = results["b_end_to_end_gpu_aug"] / results["c_end_to_end_cpu_aug"]
     return results
 
 
@@ -122,7 +156,7 @@ def main() -> None:
         results = run(args)
     print(f"{args.arch} recipe={args.recipe} batch={args.batch_size} device={args.device}")
     for name, value in results.items():
-        unit = "GiB" if name.endswith("gib") else "img/s"
+        unit = "GiB" if name.endswith("gib") else ("x" if name.startswith("ratio") else "img/s")
         print(f"  {name:22s} {value:10.1f} {unit}")
 
 

@@ -158,6 +158,7 @@ class TrainingJob:
         import submitit
 
         env = submitit.JobEnvironment()
+        _reset_signals_in_forked_children()
         os.environ.update({
             "RANK": str(env.global_rank),
             "LOCAL_RANK": str(env.local_rank),
@@ -177,6 +178,33 @@ class TrainingJob:
         logger.warning("preempted or timed out: requeuing; the run resumes from %s", self.cfg.output_dir)
         print(f"TrainingJob.checkpoint: requeuing, resume from {self.cfg.output_dir}", flush=True)
         return submitit.helpers.DelayedSubmission(TrainingJob(self.fn, self.cfg))
+
+
+_FORK_HOOK_INSTALLED = []
+
+
+def _reset_signals_in_forked_children() -> None:
+    """Forked helpers (data loader workers, multiprocessing pools) must not inherit submitit's handlers.
+
+    submitit ignores SIGTERM in the job process (it waits for the preemption signal instead); a forked pool
+    worker inheriting that ignores ``Pool.terminate()`` and its parent hangs forever in ``join()``.
+    Children get SIGTERM back to default and ignore the preemption signal (the parent checkpoints and requeues).
+    """
+    if _FORK_HOOK_INSTALLED or not hasattr(os, "register_at_fork"):
+        return
+    import signal
+
+    import submitit
+
+    preempt = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, signal.SIGUSR2)
+
+    def reset() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCONT, signal.SIG_DFL)
+        signal.signal(preempt, signal.SIG_IGN)
+
+    os.register_at_fork(after_in_child=reset)
+    _FORK_HOOK_INSTALLED.append(True)
 
 
 def _import_root(module_name: str) -> Optional[str]:

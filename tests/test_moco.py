@@ -159,3 +159,17 @@ def test_knn_monitor_and_tensorboard_written(tmp_path, embedded_root):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/logit_pos", "train/logit_neg", "train/queue_fill",
             "train/images_per_s", "train/data_time_fraction", "monitor/knn_acc"} <= tags
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, embedded_root):
+    import shutil
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((embedded_root / "coco").rglob("*.jpg"))[:31]:
+        shutil.copy(src, folder / src.name)
+    (folder / "000_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    cfg = load_config(PretrainConfig, overrides=TINY_PRETRAIN + [
+        f"output_dir={tmp_path / 'run'}", f"data.name={folder}", "data.knn_monitor=none", "train.epochs=1"])
+    result = run_pretraining(cfg)
+    assert result["skipped_images"] == 1
+    assert result["global_step"] == 2  # 32 files, batch 16: every file is read once

@@ -149,8 +149,11 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_pretrain_entry_point_on_slurm(slurm_cluster, tmp_path):
-    """launch/pretrain.py --slurm: a tiny 2-process MoCo run writes its checkpoint and TensorBoard events."""
+def test_pretrain_entry_point_on_slurm(slurm_cluster, embedded_root, tmp_path):
+    """launch/pretrain.py --slurm: a tiny 2-process MoCo run writes its checkpoint and TensorBoard events.
+
+    ``embedded_root`` generates the embedded data once here; the job inherits SCENESSL_DATA and reuses it.
+    """
     import submitit
 
     repo = HERE.parent
@@ -168,4 +171,4 @@ def test_pretrain_entry_point_on_slurm(slurm_cluster, tmp_path):
     wait_done(job, timeout=120)
     assert (out / "checkpoint.pth").is_file(), sorted(p.name for p in out.iterdir())
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events in the run directory"
-    assert "world size 2" in job_logs(job) or (out / "log_rank1.txt").is_file()
+    assert (out / "log_rank1.txt").is_file(), "rank 1 did not run"

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from selfsup.data.images import IMAGE_EXTENSIONS, SkippedFiles
+from selfsup.data.images import list_images as list_image_paths
+
 from .config import AugmentConfig
 from .cpu import MultiViewTransform
 from .decode import crop_region, decode_reduced, is_jpeg, open_lazy
@@ -22,12 +25,9 @@ from .params import collate_params, sample_view_params
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 def list_images(root: Union[str, os.PathLike]) -> List[str]:
     """All image files under ``root`` (recursive), sorted, so the index of a file is stable."""
-    return sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [str(p) for p in list_image_paths(Path(root), IMAGE_EXTENSIONS)]
 
 
 class PretrainViews(Dataset):
@@ -35,7 +35,8 @@ class PretrainViews(Dataset):
     (``mode="region"`` / ``"bytes"``) for the GPU path. Items are addressed by ``(epoch, index)``.
 
     A file that cannot be read is skipped: the next readable file takes its place, keeping the
-    parameters of the requested index; each skip is logged and counted in ``num_skipped`` (per process).
+    parameters of the requested index; skips are logged and counted across worker processes
+    (``num_skipped``, :class:`selfsup.data.images.SkippedFiles`).
     """
 
     def __init__(self, files: Sequence[str], cfg: AugmentConfig, seed: int, mode: str) -> None:
@@ -43,21 +44,18 @@ class PretrainViews(Dataset):
             raise ValueError("no image files")
         self.files, self.cfg, self.seed, self.mode = list(files), cfg, int(seed), mode
         self.transform = MultiViewTransform(cfg, seed)
-        self.num_skipped = 0
+        self.skipped = SkippedFiles(self.files)
+
+    @property
+    def num_skipped(self) -> int:
+        return self.skipped.num_skipped
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
-        for attempt in range(len(self.files)):
-            path = self.files[(index + attempt) % len(self.files)]
-            try:
-                return self._load(path, epoch, index)
-            except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt files
-                self.num_skipped += 1
-                log.warning("skipping unreadable image %s (%s); %d skipped so far", path, err, self.num_skipped)
-        raise RuntimeError("no readable image files")
+        return self.skipped.read(index, lambda path: self._load(path, epoch, index))[0]
 
     def _load(self, path: str, epoch: int, index: int):
         if self.mode == "cpu":

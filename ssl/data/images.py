@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 from PIL import Image
@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from .catalog import DATASETS, resolve_data_root
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
@@ -39,17 +40,51 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
         return image.convert("RGB")
 
 
+class SkippedFiles:
+    """Skip-and-count of unreadable files, shared by all DataLoader workers.
+
+    One flag per file lives in shared memory (inherited by forked and spawned workers; lock-free:
+    workers only ever set a flag to 1), so ``num_skipped`` counts distinct bad files in any process.
+    """
+
+    ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+    def __init__(self, files: Sequence[Union[str, Path]]) -> None:
+        if not files:
+            raise FileNotFoundError("no images found")
+        self.files = list(files)
+        self._bad = multiprocessing.RawArray("b", len(self.files))
+
+    @property
+    def num_skipped(self) -> int:
+        return int(np.frombuffer(self._bad, np.int8).sum())
+
+    @property
+    def skipped_files(self) -> List[Union[str, Path]]:
+        return [self.files[i] for i in np.flatnonzero(np.frombuffer(self._bad, np.int8))]
+
+    def read(self, index: int, load: Callable[[Any], T]) -> Tuple[T, int]:
+        """(``load(file)``, file index actually read): ``index`` or the next readable file after it."""
+        for step in range(len(self.files)):
+            j = (index + step) % len(self.files)
+            if self._bad[j]:
+                continue
+            try:
+                return load(self.files[j]), j
+            except self.ERRORS as error:
+                self._bad[j] = 1
+                logger.warning("skipping unreadable image %s (%s); %d skipped so far", self.files[j], error,
+                               self.num_skipped)
+        raise RuntimeError(f"none of the {len(self.files)} images is readable")
+
+
 class _SkippingImageFiles(Dataset):
     """Base: ``files`` with skip-and-count of unreadable images."""
 
     def __init__(self, files: List[Path], transform: Optional[Callable] = None) -> None:
-        if not files:
-            raise FileNotFoundError("no images found")
+        self.skipped = SkippedFiles(files)
         self.files = files
         self.transform = transform
-        # one flag per file in shared memory, inherited by forked and spawned DataLoader workers;
-        # lock-free: workers only ever set a flag to 1
-        self._bad = multiprocessing.RawArray("b", len(files))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -57,25 +92,15 @@ class _SkippingImageFiles(Dataset):
     @property
     def num_skipped(self) -> int:
         """Distinct unreadable files met so far, in any process."""
-        return int(np.frombuffer(self._bad, np.int8).sum())
+        return self.skipped.num_skipped
 
     @property
     def skipped_files(self) -> List[Path]:
-        bad = np.frombuffer(self._bad, np.int8)
-        return [self.files[i] for i in np.flatnonzero(bad)]
+        return self.skipped.skipped_files
 
     def _read(self, index: int) -> Tuple[Image.Image, int]:
         """(image, file index actually read): ``index`` or the next readable file after it."""
-        for step in range(len(self.files)):
-            j = (index + step) % len(self.files)
-            if self._bad[j]:
-                continue
-            try:
-                return load_rgb(self.files[j]), j
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                self._bad[j] = 1
-                logger.warning("skipping unreadable image %s (%s)", self.files[j], error)
-        raise RuntimeError(f"none of the {len(self.files)} images is readable")
+        return self.skipped.read(index, load_rgb)
 
     def _apply(self, image: Image.Image, index: int) -> Any:
         if self.transform is None:

@@ -33,6 +33,7 @@ class MocoConfig:
 class DataConfig:
     name: str = "embedded"  # a registered dataset name ("coco", "embedded", ...) or a folder of images
     root: Optional[str] = None
+    embedded_num: int = 200  # images per format of the generated embedded data (name "embedded")
     num_workers: int = 8
     gpu_aug: Optional[bool] = None  # None: on when CUDA is available
     knn_monitor: str = "embedded"  # labelled classification set for the online kNN monitor; "none" = off

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
-from selfsup.data import EMBEDDED, build_dataset
+from selfsup.data import EMBEDDED, build_dataset, ensure_embedded_data
 from selfsup.distributed import DistEnv
 from selfsup.knn_monitor import extract_features, knn_accuracy
 from selfsup.moco.config import PretrainConfig
@@ -18,16 +18,21 @@ from selfsup.moco.config import PretrainConfig
 logger = logging.getLogger(__name__)
 
 
-def pretrain_files(name: str, root: Optional[str]) -> List[str]:
+def _embedded(cfg: PretrainConfig, subdir: str) -> str:
+    return str(ensure_embedded_data(num=cfg.data.embedded_num) / subdir)
+
+
+def pretrain_files(cfg: PretrainConfig) -> List[str]:
     """Image files of the pretraining set: a registered name (``coco``, ``embedded``, ...) or a folder."""
+    name, root = cfg.data.name, cfg.data.root
     if name == EMBEDDED:
-        name, root = "coco", root or EMBEDDED
-    dataset = build_dataset(name, root=root)
+        name, root = "coco", root or _embedded(cfg, "coco")
+    dataset = build_dataset(name, root=root) if root is not None else build_dataset(name)
     return [str(f) for f in dataset.files]
 
 
 def build_loader(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> PretrainLoader:
-    files = pretrain_files(cfg.data.name, cfg.data.root)
+    files = pretrain_files(cfg)
     gpu_aug = device.type == "cuda" if cfg.data.gpu_aug is None else cfg.data.gpu_aug
     per_rank = cfg.optim.batch_size // env.world_size
     if len(files) < cfg.optim.batch_size:
@@ -45,7 +50,7 @@ def build_knn_monitor(cfg: PretrainConfig, device: torch.device) -> Optional[Cal
         return None
     name, root = cfg.data.knn_monitor, cfg.data.knn_monitor_root
     if name == EMBEDDED:
-        name, root = "classification", root or EMBEDDED
+        name, root = "classification", root or _embedded(cfg, "classification")
     size = cfg.augment.large_size
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
                            T.Normalize(cfg.augment.mean, cfg.augment.std)])

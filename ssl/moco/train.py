@@ -177,7 +177,9 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
             loader.set_epoch(epoch, start_step=state.step_in_epoch)
             stats = train_one_epoch(model, loader, optimizer, lr_at=lr_at, cfg=cfg, state=state, device=device,
                                     writer=writer, on_step_end=on_step_end, steps=steps, query_encoder=query_encoder)
-            logger.info("epoch %d: loss %.4f", epoch, stats["loss"])
+            skipped = loader.dataset.num_skipped
+            logger.info("epoch %d: loss %.4f%s", epoch, stats["loss"], f" ({skipped} unreadable images skipped)" if skipped else "")
+            writer.scalars({"skipped_images": skipped}, state.global_step, prefix="data/")
             if monitor is not None and ((epoch + 1) % cfg.train.knn_every_epochs == 0 or epoch + 1 == cfg.train.epochs):
                 history.append({"epoch": epoch + 1, "knn_acc": monitor(model.encoder_q.backbone)})
                 writer.scalars({"knn_acc": history[-1]["knn_acc"]}, state.global_step, prefix="monitor/")
@@ -186,7 +188,8 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
         logger.info("stopped after %d steps (train.max_steps); resume by running the same command", state.global_step)
     finally:
         writer.close()
-    return {"global_step": state.global_step, "epoch": state.epoch, "knn": history}
+    return {"global_step": state.global_step, "epoch": state.epoch, "knn": history,
+            "skipped_images": loader.dataset.num_skipped}
 
 
 def _checkpoint_state(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, s: StepState) -> Dict[str, Any]:

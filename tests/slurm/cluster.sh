@@ -138,6 +138,7 @@ start() {
     fi
     install_packages || return 2
     stop_daemons quiet
+    rm -f "$DIR/spool/${HOST}"_*  # step sockets left by an unclean shutdown
     setup_munge
     write_conf
     # munged runs as the munge user; it writes its pid file under /run/munge, we keep a copy in $DIR
@@ -149,17 +150,40 @@ start() {
         for _ in $(seq 1 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
         cp /run/munge/munged.pid "$DIR/munged.pid"
     fi
-    munge -n | unmunge >/dev/null 2>&1 || { log "munge round-trip failed"; return 2; }
+    munge -n | unmunge >/dev/null 2>&1 || { log "munge round-trip failed"; stop_daemons quiet; return 2; }
     # -c: start from a clean state (no stale jobs from an earlier session)
-    /usr/sbin/slurmctld -c -f "$CONF" || { log "slurmctld failed, see $DIR/log/slurmctld.log"; return 2; }
-    /usr/sbin/slurmd -f "$CONF" || { log "slurmd failed, see $DIR/log/slurmd.log"; return 2; }
-    wait_idle || return 2
+    /usr/sbin/slurmctld -c -f "$CONF" || { log "slurmctld failed, see $DIR/log/slurmctld.log"; stop_daemons quiet; return 2; }
+    /usr/sbin/slurmd -f "$CONF" || { log "slurmd failed, see $DIR/log/slurmd.log"; stop_daemons quiet; return 2; }
+    wait_idle || { stop_daemons quiet; return 2; }
     log "cluster up: node $HOST, partition debug; SLURM_CONF=$CONF"
     echo "export SLURM_CONF=$CONF"
 }
 
+stepd_pids() {
+    # slurmstepd processes of this cluster: the holders of the step sockets in our spool dir
+    local inodes inode
+    inodes="$(awk -v dir="$DIR/spool/" 'index($8, dir) == 1 {print $7}' /proc/net/unix 2>/dev/null)"
+    [ -n "$inodes" ] || return 0
+    for inode in $inodes; do
+        find /proc/[0-9]*/fd -lname "socket:\[$inode\]" 2>/dev/null | cut -d/ -f3
+    done | sort -u
+}
+
+drain_jobs() {
+    # cancel what is left and let the steps finish reporting, so no slurmstepd outlives the daemons
+    pid_alive "$DIR/slurmctld.pid" || return 0
+    local jobs
+    jobs="$(squeue -h -o %i 2>/dev/null)"
+    [ -n "$jobs" ] && scancel $jobs 2>/dev/null
+    for _ in $(seq 1 40); do
+        [ -z "$(squeue -h -t PD,R,CG,S -o %i 2>/dev/null)" ] && [ -z "$(stepd_pids)" ] && return 0
+        sleep 0.25
+    done
+}
+
 stop_daemons() {
     local name pidfile pid
+    drain_jobs
     for name in slurmd slurmctld munged; do
         pidfile="$DIR/$name.pid"
         if pid_alive "$pidfile"; then
@@ -170,6 +194,9 @@ stop_daemons() {
             [ "${1:-}" = quiet ] || log "stopped $name ($pid)"
         fi
         rm -f "$pidfile"
+    done
+    for pid in $(stepd_pids); do  # orphaned steps ignore SIGTERM once slurmd is gone
+        kill -9 "$pid" 2>/dev/null && log "killed leftover slurmstepd ($pid)"
     done
 }
 

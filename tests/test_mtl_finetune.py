@@ -1,0 +1,95 @@
+"""Smoke runs of downstream/finetune_mtl.py on the embedded NYUD-format data (real files on disk)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfsup.backbones import build_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "downstream" / "finetune_mtl.py"
+TINY = """
+epochs: 1
+max_iters_per_epoch: 2
+progress: false
+data:
+  batch_size: 4
+  eval_batch_size: 4
+  num_workers: 0
+  max_train_images: 8
+  max_val_images: 4
+model:
+  backbone: resnet_tiny
+  fpn_channels: 16
+  head_channels: 16
+  task_channels: 8
+"""
+
+
+def _config(tmp_path) -> Path:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    return config
+
+
+def _args(tmp_path, embedded_root, *args):
+    return ["--config", str(_config(tmp_path)), "--data-root", str(embedded_root / "nyud"), *args]
+
+
+def test_finetune_script_subprocess_mti_net_with_delta(tmp_path, embedded_root):
+    """The real entry point: MTI-Net + auxiliary tasks, torchvision-style --weights, Δ_MTL from stored results."""
+    st = tmp_path / "nyud_st.json"
+    st.write_text(json.dumps({"semseg": {"miou": 10.0}, "depth": {"rmse": 2.0}}))
+    weights = tmp_path / "backbone.pth"
+    torch.save(build_backbone("resnet_tiny").state_dict(), weights)
+    out = tmp_path / "mti"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(SCRIPT), *_args(tmp_path, embedded_root, "--output-dir", str(out), "--single-task-results",
+                                               str(st), "--weights", str(weights), "data.auxiliary_tasks=[normals,edge]")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["arch"] == "mti_net" and results["tasks"] == ["semseg", "depth"]
+    assert results["auxiliary_tasks"] == ["normals", "edge"]
+    assert {"miou"} <= set(results["metrics"]["semseg"]) and {"rmse", "abs_rel"} <= set(results["metrics"]["depth"])
+    assert isinstance(results["delta_mtl"], float)
+    for name in ("config.yaml", "checkpoint.pth", "model_report.json", "log_rank0.txt"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").iterdir())
+
+
+def test_single_task_runs_record_results_and_resume(tmp_path, embedded_root):
+    from downstream.finetune_mtl import main
+
+    st = tmp_path / "st.json"
+    out = tmp_path / "st_edge"
+    args = _args(tmp_path, embedded_root, "--output-dir", str(out), "--single-task-results", str(st),
+                 "model.arch=single_task", "data.tasks=[edge]", "eval.edge_thresholds=5")
+    first = main(args)
+    assert set(json.loads(st.read_text())) == {"edge"} and "odsf" in first["metrics"]["edge"]
+    assert first["delta_mtl"] is None
+    again = main(args)  # finished run: resumes from its checkpoint, trains nothing, evaluates the same weights
+    assert again["metrics"] == first["metrics"]
+    assert "resumed from" in (out / "log_rank0.txt").read_text()
+
+
+def test_mtl_run_without_single_task_results_fails_early(tmp_path, embedded_root):
+    from downstream.finetune_mtl import main
+    from downstream.mtl.delta import MissingSingleTaskResults
+
+    with pytest.raises(MissingSingleTaskResults, match="does not exist"):
+        main(_args(tmp_path, embedded_root, "--output-dir", str(tmp_path / "run"), "--single-task-results",
+                   str(tmp_path / "missing.json"), "model.arch=mtl_baseline"))
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_unknown_config_key_is_rejected(tmp_path, embedded_root):
+    from downstream.finetune_mtl import main
+    from selfsup.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no_such_key"):
+        main(_args(tmp_path, embedded_root, "--output-dir", str(tmp_path / "run"), "model.no_such_key=1"))

@@ -1,0 +1,87 @@
+"""Every architecture x task set: outputs at input resolution, finite, every parameter gets a gradient."""
+import pytest
+import torch
+
+from downstream.mtl.losses import MultiTaskLoss
+from downstream.mtl.models import architecture_names, build_model
+from downstream.mtl.tasks import TaskSet, loss_weights
+
+TINY = dict(backbone="resnet_tiny", fpn_channels=16, head_channels=16, task_channels=8)
+TASK_SETS = {
+    "nyud": TaskSet("nyud", ("semseg", "depth")),
+    "nyud_aux": TaskSet("nyud", ("semseg", "depth"), ("normals", "edge")),
+    "pascal": TaskSet("pascal_context", ("semseg", "human_parts", "sal", "normals", "edge")),
+}
+
+
+def _targets(tasks: TaskSet, B: int, H: int, W: int):
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for t in tasks.all:
+        if t in ("semseg", "human_parts"):
+            out[t] = torch.randint(0, tasks.num_outputs(t), (B, H, W), generator=g)
+        elif t == "normals":
+            out[t] = torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)
+        elif t == "depth":
+            out[t] = torch.rand(B, 1, H, W, generator=g) * 5
+        else:
+            out[t] = (torch.rand(B, 1, H, W, generator=g) > 0.7).float()
+    return out
+
+
+def _check(model, tasks: TaskSet, H=64, W=64):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, H, W)
+    out = model(x)
+    assert set(out["final"]) == set(tasks.main)
+    for group in [out["final"], *out["initial"]]:
+        for t, pred in group.items():
+            assert pred.shape == (2, tasks.num_outputs(t), H, W), (t, pred.shape)
+            assert torch.isfinite(pred).all()
+    total, terms = MultiTaskLoss(loss_weights(tasks.dataset, tasks.all))(out, _targets(tasks, 2, H, W))
+    assert torch.isfinite(total)
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without (finite) gradient: {missing[:10]}"
+    return out
+
+
+def test_registry_lists_architectures():
+    assert {"single_task", "mtl_baseline", "pad_net", "mti_net"} <= set(architecture_names())
+    with pytest.raises(KeyError, match="known"):
+        build_model("no_such_net", tasks=TASK_SETS["nyud"], **TINY)
+
+
+@pytest.mark.parametrize("arch", ["mtl_baseline", "pad_net", "mti_net"])
+@pytest.mark.parametrize("task_set", list(TASK_SETS))
+def test_multi_task_architectures(arch, task_set):
+    tasks = TASK_SETS[task_set]
+    out = _check(build_model(arch, tasks=tasks, **TINY), tasks)
+    if arch == "mti_net":  # deep supervision at 4 scales, auxiliary tasks included
+        assert len(out["initial"]) == 4 and all(set(s) == set(tasks.all) for s in out["initial"])
+    if arch == "pad_net":
+        assert len(out["initial"]) == 1 and set(out["initial"][0]) == set(tasks.all)
+
+
+@pytest.mark.parametrize("task", ["semseg", "human_parts", "sal", "normals", "edge"])
+def test_single_task(task):
+    tasks = TaskSet("pascal_context", (task,))
+    out = _check(build_model("single_task", tasks=tasks, **TINY), tasks)
+    assert out["initial"] == []
+
+
+def test_single_task_rejects_several_tasks():
+    with pytest.raises(ValueError, match="exactly one task"):
+        build_model("single_task", tasks=TASK_SETS["nyud"], **TINY)
+
+
+def test_deeplab_baseline_on_dilated_backbone():
+    tasks = TASK_SETS["nyud_aux"]
+    model = build_model("mtl_baseline", tasks=tasks, backbone="resnet_tiny", output_stride=8, neck="none",
+                        head="aspp", head_channels=16, aspp_rates=(2, 4, 6))
+    _check(model, tasks, H=48, W=80)
+
+
+def test_odd_input_size_mti_net():
+    tasks = TASK_SETS["nyud_aux"]
+    _check(build_model("mti_net", tasks=tasks, **TINY), tasks, H=50, W=70)
