@@ -10,13 +10,14 @@ from torch.nn import functional as F
 
 @torch.no_grad()
 def extract_features(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
-                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features [N, C] and labels [N] of a labelled set (model in eval mode)."""
+                     device: torch.device, normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features [N, C] (L2-normalised unless ``normalize=False``) and labels [N] (model in eval mode)."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for images, targets in batches:
-        feats.append(F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1).cpu())
+        out = model(images.to(device, non_blocking=True)).float()
+        feats.append((F.normalize(out, dim=1) if normalize else out).cpu())
         labels.append(torch.as_tensor(targets))
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)

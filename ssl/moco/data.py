@@ -11,7 +11,7 @@ from torchvision import transforms as T
 
 from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
 from selfsup.data import EMBEDDED, build_dataset, ensure_embedded_data
-from selfsup.distributed import DistEnv
+from selfsup.distributed import DistEnv, barrier
 from selfsup.knn_monitor import extract_features, knn_accuracy
 from selfsup.moco.config import PretrainConfig
 
@@ -32,7 +32,11 @@ def pretrain_files(cfg: PretrainConfig) -> List[str]:
 
 
 def build_loader(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> PretrainLoader:
+    if not env.is_main:
+        barrier()  # rank 0 first: it generates the embedded data if needed, the others then read it
     files = pretrain_files(cfg)
+    if env.is_main:
+        barrier()
     gpu_aug = device.type == "cuda" if cfg.data.gpu_aug is None else cfg.data.gpu_aug
     per_rank = cfg.optim.batch_size // env.world_size
     if len(files) < cfg.optim.batch_size:

@@ -131,7 +131,7 @@ wait_idle() {
 }
 
 start() {
-    mkdir -p "$DIR"
+    mkdir -p "$DIR" 2>/dev/null && [ -w "$DIR" ] || { log "cannot write $DIR (set SLURM_TEST_DIR)"; return 2; }
     if is_running; then
         echo "export SLURM_CONF=$CONF"
         return 0

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Training throughput (img/s) and peak memory of MTL baseline, PAD-Net and MTI-Net, side by side:
+plain fp32 vs bf16 autocast + channels_last (+ torch.compile with --compile).
+
+Defaults: NYUD tasks (semseg + depth), ResNet-18 + FPN, 480x640, batch 8, on CUDA when available.
+  python downstream/bench_mtl.py                                   # the H100 measurement
+  python downstream/bench_mtl.py --arch resnet50 --aux normals edge --compile --output bench.json
+  python downstream/bench_mtl.py --height 64 --width 64 --batch-size 2 --steps 2 --warmup 1 --narrow  # CPU test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from downstream.mtl.bench import architecture_costs, format_table, run_benchmarks
+from downstream.mtl.flops import cost_table
+from downstream.mtl.tasks import TaskSet
+
+TINY = dict(fpn_channels=16, head_channels=16, task_channels=8)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18", help="backbone (with FPN): resnet18/34/50/101, resnet_tiny")
+    p.add_argument("--models", nargs="+", default=["mtl_baseline", "pad_net", "mti_net"])
+    p.add_argument("--dataset", default="nyud", choices=["nyud", "pascal_context"])
+    p.add_argument("--tasks", nargs="+", default=["semseg", "depth"])
+    p.add_argument("--aux", nargs="*", default=[], help="auxiliary tasks, e.g. normals edge")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per model and mode")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time bf16+channels_last with torch.compile")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--narrow", action="store_true", help="16-channel FPN and heads (for quick CPU tests)")
+    p.add_argument("--output", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> list:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    device = torch.device(args.device)
+    modes = ["fp32", "bf16_cl"] + (["bf16_cl_compile"] if args.compile else [])
+    tasks = TaskSet(args.dataset, tuple(args.tasks), tuple(args.aux))
+    common = dict(tasks=tasks, backbone=args.arch, size=(args.height, args.width), model_kwargs=TINY if args.narrow else None)
+    costs = architecture_costs(args.models, **common)
+    print(f"# params / FLOPs per image at {args.height}x{args.width}, relative to the single-task set")
+    print(cost_table(costs, [k for k in costs if k.startswith("single_task")]))
+    results = run_benchmarks(args.models, modes, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                             device=device, **common)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# training throughput: {args.arch}-FPN, {args.height}x{args.width}, batch {args.batch_size}, {name}")
+    print(format_table(results, memory_label="peak" if device.type == "cuda" else "peak RSS"))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "device": name, "costs": costs, "results": results},
+                                                indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
