@@ -33,12 +33,11 @@ def evaluate(*, weights: str, arch: str, data: str = "classification", root: Opt
     sets = [build_dataset(data, root=root, split=split, transform=transform) for split in ("train", "val")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
-    raw = [extract_features(backbone, DataLoader(ds, batch_size=256, num_workers=workers), device=device,
-                            normalize=False) for ds in sets]
+    train, val = (extract_features(backbone, DataLoader(ds, batch_size=256, num_workers=workers), device=device)
+                  for ds in sets)
     num_classes = len(sets[0].classes)
-    normed = [(torch.nn.functional.normalize(f, dim=1), y) for f, y in raw]
-    result = {"knn_top1": knn_accuracy(normed[0], normed[1], num_classes=num_classes)}
-    result.update(train_linear_probe(raw[0], raw[1], num_classes=num_classes, epochs=epochs))
+    result = {"knn_top1": knn_accuracy(train, val, num_classes=num_classes)}
+    result.update(train_linear_probe(train, val, num_classes=num_classes, epochs=epochs))
     return result
 
 

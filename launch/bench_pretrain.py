@@ -14,11 +14,10 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 
 from selfsup.augment import AugmentConfig, PretrainLoader, build_pretrain_loader
@@ -32,16 +31,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _endless(loader: PretrainLoader) -> Iterator[List[torch.Tensor]]:
+    """Batches of consecutive epochs, without end."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def measure_loader(loader: PretrainLoader, steps: int, warmup: int = 2) -> float:
     """Images per second delivered by ``loader`` (views ready on its device), over ``steps`` batches."""
-    def batches() -> Iterable[List[torch.Tensor]]:
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    it = batches()
+    it = _endless(loader)
     for _ in range(warmup):
         next(it)
     _sync(loader.device)
@@ -89,14 +90,7 @@ def moco_step_fn(arch: str, recipe: str, batch_size: int, device: torch.device) 
 
 def measure_end_to_end(loader: PretrainLoader, step_fn: StepFn, steps: int, warmup: int = 2) -> float:
     """Images per second of training steps fed by ``loader`` (decode + augmentation + step)."""
-    def batches() -> Iterable[List[torch.Tensor]]:
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    it = batches()
+    it = _endless(loader)
     for _ in range(warmup):
         step_fn(next(it))
     _sync(loader.device)

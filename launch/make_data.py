@@ -17,7 +17,7 @@ from selfsup.data.synthetic import DEFAULT_NUM, DEFAULT_SEED, DEFAULT_SIZE, FORM
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="output root (default: the embedded cache, "
-                        "$SCENESSL_DATA or ~/.cache/scenessl, /embedded-<size>-<num>-<seed>)")
+                        "$SCENESSL_DATA or ~/.cache/scenessl, /embedded-v<version>-<size>-<num>-<seed>)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image height in pixels")
     parser.add_argument("--num", type=int, default=DEFAULT_NUM, help="images per dense dataset")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)

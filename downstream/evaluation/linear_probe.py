@@ -1,7 +1,8 @@
 """Linear probe on frozen, pooled backbone features (MoCo protocol's classifier and schedule).
 
-The backbone is frozen in eval mode (BN statistics frozen); features of the centre crops are extracted
-once and a linear layer is trained on them with SGD (lr 30, momentum 0.9, no weight decay, lr x0.1 at
+The backbone is frozen in eval mode (BN statistics frozen); L2-normalised pooled features of the centre
+crops (as in the VOC07 protocol; this keeps lr 30 stable for any backbone, random init included) are
+extracted once and a linear layer is trained on them with SGD (lr 30, momentum 0.9, no weight decay, lr x0.1 at
 60% and 80% of the epochs). Training on cached centre-crop features (no RandomResizedCrop per epoch)
 is the fast variant used for small sets and CPU runs.
 """

@@ -139,10 +139,12 @@ def sample_scene(
     floor_top = wall_row / height
     objects: List[SceneObject] = []
     if main_class is not None:
-        obj = _make_object(rng, main_class, rng.uniform(0.4, 0.6), 0.0)
+        # a dominant object standing near the bottom, 45-75% of the image tall: place its base first,
+        # then scale it to that apparent height at the base's depth (so it is never cut off below)
+        obj = _make_object(rng, main_class, rng.uniform(0.4, 0.6), rng.uniform(0.82, 0.92))
         pixel_height = rng.uniform(0.45, 0.75) * height
-        depth = obj.height_m * focal / pixel_height
-        obj.base = (horizon + focal * cam_height / depth) / height
+        depth = focal * cam_height / max(obj.base * height - horizon, 1.0)
+        obj.height_m = pixel_height * depth / focal
         objects.append(obj)
         num = int(rng.integers(0, 3))
     else:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS: Tuple[str, ...] = ("coco", "pascal_context", "nyud", "davis2017", "voc2012", "classification")
 _FORMAT_CODE = {name: code for code, name in enumerate(FORMATS)}
+# bump when the generated data changes: cached embedded data of older versions is not reused
+GENERATOR_VERSION = 2
 DEFAULT_SIZE = 96
 DEFAULT_NUM = 200
 DEFAULT_SEED = 0
@@ -290,12 +292,12 @@ def ensure_embedded_data(
 ) -> Path:
     """Return the embedded dataset root, generating it on first use.
 
-    The root is ``root`` if given, else ``<cache>/embedded-<size>-<num>-<seed>`` with ``<cache>``
+    The root is ``root`` if given, else ``<cache>/embedded-v<version>-<size>-<num>-<seed>`` with ``<cache>``
     from :func:`default_cache_dir`. It holds ``coco/ pascal_context/ nyud/ davis2017/ voc2012/
     classification/``. Generation writes into a temporary sibling folder that is renamed when
     complete, so concurrent callers and interrupted runs never see a partial dataset.
     """
-    target = Path(root) if root is not None else default_cache_dir() / f"embedded-{size}-{num}-{seed}"
+    target = Path(root) if root is not None else default_cache_dir() / f"embedded-v{GENERATOR_VERSION}-{size}-{num}-{seed}"
     if (target / "embedded.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
