@@ -132,6 +132,14 @@ def resnet_tiny(*, output_stride: int = 32, zero_init_residual: bool = False,
     return ResNetBackbone(_dilate(net, output_stride), output_stride=output_stride)
 
 
+@BACKBONES.register("resnet_small")
+def resnet_small(*, output_stride: int = 32, zero_init_residual: bool = False,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> ResNetBackbone:
+    """Half-width, one block per stage (~1/8 of ResNet-18's FLOPs): the CPU demo backbone."""
+    return resnet_tiny(output_stride=output_stride, zero_init_residual=zero_init_residual, norm_layer=norm_layer,
+                       widths=(32, 64, 128, 256))
+
+
 def build_backbone(name: str, **kwargs) -> ResNetBackbone:
     """Build a registered backbone by name, e.g. ``build_backbone("resnet50", output_stride=8)``."""
     return BACKBONES.build(name, **kwargs)

@@ -173,3 +173,29 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, embedded_root):
     result = run_pretraining(cfg)
     assert result["skipped_images"] == 1
     assert result["global_step"] == 2  # 32 files, batch 16: every file is read once
+
+
+TINY_FLAGS = ["--arch", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--epochs", "1",
+              "model.hidden_dim=64", "moco.queue_size=64", "train.steps_per_epoch=2", "augment.large_size=32",
+              "augment.small_size=16", "data.knn_monitor=none"]
+
+
+@pytest.mark.parametrize("extra", [["--multicrop", "--num-small", "2", "--knn", "4", "--knn-warmup-epochs", "0"],
+                                   ["--gpus", "2"]], ids=["recipe", "ddp2"])
+def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
+    import subprocess
+    from conftest import PYTHON, run_env
+    out = tmp_path / "run"
+    res = subprocess.run([PYTHON, str(repo / "launch" / "pretrain.py"), *TINY_FLAGS, *extra, "--output-dir", str(out)],
+                         capture_output=True, text=True, env=run_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = ckpt.load_checkpoint(out / "checkpoint.pth")
+    assert state["global_step"] == 2 and (out / "config.yaml").is_file()
+    if "--knn" in extra:
+        assert state["config"]["moco"]["knn_k"] == 4 and state["model"]["backbone_queue"].shape[0] == 64
+        assert state["config"]["augment"]["num_small"] == 2
+    else:
+        assert (out / "log_rank1.txt").is_file()  # the second process ran
+    res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), str(out / "checkpoint.pth"), "--format",
+                          "detectron2", "--out", str(tmp_path / "d2.pkl")], capture_output=True, text=True, env=run_env())
+    assert res.returncode == 0 and (tmp_path / "d2.pkl").is_file(), res.stderr

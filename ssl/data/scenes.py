@@ -48,6 +48,7 @@ _CLASS_STYLE: Dict[int, Tuple[str, float, float, Tuple[float, float, float], str
     20: ("crescent", 1.2, 0.7, (0.12, 0.12, 0.35), "stripes", 10.0),
 }
 PERSON_HEIGHT_M = 1.7
+CLASS_COLOUR_PROB = 0.3
 BACKGROUND_LABELS = {"wall": 22, "floor": 23}  # extra context labels written into LabelMap
 
 
@@ -104,7 +105,12 @@ def _make_object(rng: np.random.Generator, cls: int, x: float, base: float) -> S
             bulge=0.5,
         )
     shape, aspect, height_m, colour, pattern, freq = _CLASS_STYLE[cls]
-    colour = np.clip(np.array(colour) + rng.normal(0, 0.05, 3), 0, 1)
+    # a class is recognised by shape, proportions and texture, not by colour: each instance takes its
+    # class colour only 30% of the time, else a random one (as real object colours vary within a class)
+    if rng.random() < CLASS_COLOUR_PROB:
+        colour = np.clip(np.array(colour) + rng.normal(0, 0.05, 3), 0, 1)
+    else:
+        colour = rng.uniform(0.05, 0.95, 3)
     return SceneObject(
         cls=cls, x=x, base=base, angle=rng.normal(0, 0.15), aspect=aspect * rng.uniform(0.85, 1.15),
         height_m=height_m * rng.uniform(0.8, 1.25), colour=colour,
