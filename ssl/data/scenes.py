@@ -49,6 +49,8 @@ _CLASS_STYLE: Dict[int, Tuple[str, float, float, Tuple[float, float, float], str
 }
 PERSON_HEIGHT_M = 1.7
 CLASS_COLOUR_PROB = 0.3
+NUM_ROOM_STYLES = 8
+ROOM_SEED = 1234
 BACKGROUND_LABELS = {"wall": 22, "floor": 23}  # extra context labels written into LabelMap
 
 
@@ -134,12 +136,15 @@ def sample_scene(
     wall_row = rng.uniform(0.35, 0.55) * height
     wall_depth = focal * cam_height / max(wall_row - horizon, 1.0)
     light = _unit(np.array([rng.uniform(-0.7, 0.7), rng.uniform(0.3, 1.0), rng.uniform(0.4, 1.0)]))
+    # rooms come from a few shared styles (as real scenes share floors and walls), so the background
+    # does not identify an image: telling images apart needs the objects
+    room = np.random.default_rng([ROOM_SEED, int(rng.integers(NUM_ROOM_STYLES))])
     scene = Scene(
         height=height, width=width, focal=focal, cam_height=cam_height, horizon=horizon,
-        wall_depth=wall_depth, wall_colour=rng.uniform(0.3, 0.9, 3),
-        floor_colours=np.stack([rng.uniform(0.2, 0.8, 3)] * 2) * np.array([[1.0], [rng.uniform(0.55, 0.85)]]),
-        tile=rng.uniform(0.4, 1.2), light=light, ambient=rng.uniform(0.35, 0.6),
-        exposure=rng.uniform(0.75, 1.2) * rng.uniform(0.9, 1.1, 3), noise_seed=int(rng.integers(2**31)),
+        wall_depth=wall_depth, wall_colour=room.uniform(0.3, 0.9, 3),
+        floor_colours=np.stack([room.uniform(0.2, 0.8, 3)] * 2) * np.array([[1.0], [room.uniform(0.55, 0.85)]]),
+        tile=room.uniform(0.4, 1.2), light=light, ambient=rng.uniform(0.35, 0.6),
+        exposure=rng.uniform(0.75, 1.2) * rng.uniform(0.9, 1.1, 3), noise_seed=int(room.integers(2**31)),
         objects=[],
     )
     floor_top = wall_row / height
