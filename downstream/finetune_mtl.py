@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Optional
 
-from selfsup.config import load_config
+from selfsup.config import load_config, nested_updates
 from selfsup.launcher import add_launch_args, launch
 
 from downstream.mtl.config import MTLConfig
@@ -37,17 +37,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def flag_updates(args: argparse.Namespace) -> Dict[str, Any]:
-    flags = {("model", "weights"): args.weights, ("eval", "single_task_results"): args.single_task_results,
-             ("data", "root"): args.data_root, ("output_dir",): args.output_dir, ("epochs",): args.epochs,
-             ("data", "batch_size"): args.batch_size, ("optim", "lr"): args.lr}
-    updates: Dict[str, Any] = {}
-    for path, value in flags.items():
-        if value is not None:
-            node = updates
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = value
-    return updates
+    return nested_updates({"model.weights": args.weights, "eval.single_task_results": args.single_task_results,
+                           "data.root": args.data_root, "output_dir": args.output_dir, "epochs": args.epochs,
+                           "data.batch_size": args.batch_size, "optim.lr": args.lr})
 
 
 def main(argv: Optional[List[str]] = None) -> Any:

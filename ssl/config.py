@@ -92,17 +92,26 @@ def merge(cfg: T, updates: Mapping[str, Any], *, prefix: str = "") -> T:
 
 def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
     """``["optim.lr=0.3", "model.arch=resnet18"]`` -> nested dict; values are parsed as YAML scalars."""
-    nested: Dict[str, Any] = {}
+    flat: Dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.3)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        flat[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+    return nested_updates(flat, skip_none=False)
+
+
+def nested_updates(values: Mapping[str, Any], *, skip_none: bool = True) -> Dict[str, Any]:
+    """``{"optim.lr": 0.1, "output_dir": None}`` -> ``{"optim": {"lr": 0.1}}`` (None = flag not given)."""
+    nested: Dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None and skip_none:
+            continue
         node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        *parents, last = key.split(".")
+        for part in parents:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[last] = value
     return nested
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from selfsup.augment.config import AugmentConfig
+from selfsup.config import nested_updates
 
 
 @dataclass
@@ -75,37 +76,16 @@ class PretrainConfig:
 
 def flags_to_updates(args: Any) -> Dict[str, Any]:
     """Map the user-facing flags of ``launch/pretrain.py`` onto config keys (only flags that were given)."""
-    updates: Dict[str, Any] = {}
-
-    def put(key: str, value: Any) -> None:
-        node = updates
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-
-    if args.data is not None:
-        put("data.name", args.data)
-    if args.data_root is not None:
-        put("data.root", args.data_root)
+    flat: Dict[str, Any] = {
+        "data.name": args.data, "data.root": args.data_root, "model.arch": args.arch, "train.epochs": args.epochs,
+        "optim.batch_size": args.batch_size, "optim.lr": args.lr, "output_dir": args.output_dir,
+        "data.num_workers": args.workers, "train.seed": args.seed, "augment.constraint": args.crop_constraint,
+        "moco.knn_k": args.knn, "moco.knn_weight": args.knn_weight, "moco.knn_warmup_epochs": args.knn_warmup_epochs,
+    }
     if args.multicrop:
         # published recipe: 2 x 160 + 4 x 96, constrained crops, Standard-or-AutoAugment, m = 0.995
-        for key, value in dict(large_size=160, num_small=args.num_small, auto_augment=True).items():
-            put(f"augment.{key}", value)
-        put("moco.momentum", 0.995)
+        flat.update({"augment.large_size": 160, "augment.num_small": args.num_small, "augment.auto_augment": True,
+                     "moco.momentum": 0.995})
     if args.auto_augment is not None:
-        put("augment.auto_augment", args.auto_augment)
-    if args.crop_constraint is not None:
-        put("augment.constraint", args.crop_constraint)
-    if args.knn is not None:
-        put("moco.knn_k", args.knn)
-    if args.knn_weight is not None:
-        put("moco.knn_weight", args.knn_weight)
-    if args.knn_warmup_epochs is not None:
-        put("moco.knn_warmup_epochs", args.knn_warmup_epochs)
-    for flag, key in (("arch", "model.arch"), ("epochs", "train.epochs"), ("batch_size", "optim.batch_size"),
-                      ("lr", "optim.lr"), ("output_dir", "output_dir"), ("workers", "data.num_workers"),
-                      ("seed", "train.seed")):
-        if getattr(args, flag) is not None:
-            put(key, getattr(args, flag))
-    return updates
+        flat["augment.auto_augment"] = args.auto_augment
+    return nested_updates(flat)
