@@ -9,7 +9,7 @@ from conftest import PYTHON, REPO, run_env
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 ENTRY_POINTS = ["launch/pretrain.py", "launch/export.py", "launch/make_data.py", "launch/bench_pretrain.py",
-                "downstream/finetune_mtl.py", "downstream/bench_mtl.py"]
+                "downstream/finetune_mtl.py", "downstream/bench_mtl.py", "downstream/linear_probe.py"]
 
 # Runs an entry point's --help the way `python script.py` does (script folder first on sys.path),
 # then reports which ssl module that process imported.
