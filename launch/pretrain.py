@@ -2,7 +2,7 @@
 """MoCo-v2 pretraining (and the improved recipe): local, multi-process or on SLURM.
 
 Examples:
-  python launch/pretrain.py                                  # embedded scenes, small CPU-friendly run
+  python launch/pretrain.py                                  # embedded scenes, configs/pretrain/demo.yaml
   python launch/pretrain.py --data coco --multicrop --knn 20 # the improved recipe on COCO
   python launch/pretrain.py --config configs/pretrain/ours_coco_200ep.yaml --slurm --nodes 2 --gpus-per-node 8
   python launch/pretrain.py optim.lr=0.03 train.epochs=800   # any config key as key=value
@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import List, Optional
 
 from selfsup.config import load_config
@@ -17,11 +18,14 @@ from selfsup.launcher import add_launch_args, launch
 from selfsup.moco.config import PretrainConfig, flags_to_updates
 from selfsup.moco.train import run_pretraining
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. optim.lr=0.3")
-    p.add_argument("--config", help="YAML file with the differences from the defaults (configs/pretrain/*.yaml)")
+    p.add_argument("--config", help="YAML file with the differences from the defaults (configs/pretrain/*.yaml); "
+                   "without --config and --data: configs/pretrain/demo.yaml")
     p.add_argument("--data", help="dataset name (coco, embedded, ...) or a folder of images")
     p.add_argument("--data-root", help="root folder of --data (else $SCENESSL_<NAME>_ROOT)")
     p.add_argument("--arch", help="backbone: resnet18/34/50/101, resnet_small (CPU demo), resnet_tiny (tests)")
@@ -46,9 +50,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    # no --config and no --data: the small CPU-friendly run on the embedded scenes
+    config = args.config or (DEMO_CONFIG if args.data is None else None)
 
     def make_cfg(extra: List[str]) -> PretrainConfig:
-        return load_config(PretrainConfig, yaml_path=args.config, updates=flags_to_updates(args),
+        return load_config(PretrainConfig, yaml_path=config, updates=flags_to_updates(args),
                            overrides=list(args.overrides) + list(extra))
 
     launch(run_pretraining, make_cfg, args)

@@ -216,7 +216,8 @@ def test_resolve_data_root(data_root, monkeypatch, tmp_path):
 def test_ensure_embedded_data_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("SCENESSL_DATA", str(tmp_path))
     root = ensure_embedded_data(size=24, num=4, seed=0, workers=1)
-    assert root == tmp_path / "embedded-24-4-0" and (root / "voc2012" / "ImageSets").is_dir()
+    from selfsup.data.synthetic import GENERATOR_VERSION
+    assert root == tmp_path / f"embedded-v{GENERATOR_VERSION}-24-4-0" and (root / "voc2012" / "ImageSets").is_dir()
     stamp = (root / "embedded.json").stat().st_mtime_ns
     assert ensure_embedded_data(size=24, num=4, seed=0) == root  # reused, not regenerated
     assert (root / "embedded.json").stat().st_mtime_ns == stamp

@@ -83,7 +83,8 @@ def test_training_job_sets_distributed_env(monkeypatch, tmp_path):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # recorded, so the job's os.environ.update is undone after the test
+        monkeypatch.delenv(key)
     job = launcher.TrainingJob(environment_of, SimpleNamespace(output_dir=str(tmp_path)))
     seen = job()
     assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == ("3", "1", "4")
