@@ -221,7 +221,7 @@ def test_ensure_embedded_data_atomic(tmp_path, monkeypatch):
     stamp = (root / "embedded.json").stat().st_mtime_ns
     assert ensure_embedded_data(size=24, num=4, seed=0) == root  # reused, not regenerated
     assert (root / "embedded.json").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == ["embedded-24-4-0"]  # no temporary folder left
+    assert [p.name for p in tmp_path.iterdir()] == [f"embedded-v{GENERATOR_VERSION}-24-4-0"]  # no temporary folder left
 
 
 def test_preview_grid(data_root, tmp_path):
