@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from downstream.mtl.bench import synthetic_batch
 from downstream.mtl.losses import MultiTaskLoss
 from downstream.mtl.models import architecture_names, build_model
 from downstream.mtl.tasks import TaskSet, loss_weights
@@ -15,18 +16,7 @@ TASK_SETS = {
 
 
 def _targets(tasks: TaskSet, B: int, H: int, W: int):
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for t in tasks.all:
-        if t in ("semseg", "human_parts"):
-            out[t] = torch.randint(0, tasks.num_outputs(t), (B, H, W), generator=g)
-        elif t == "normals":
-            out[t] = torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)
-        elif t == "depth":
-            out[t] = torch.rand(B, 1, H, W, generator=g) * 5
-        else:
-            out[t] = (torch.rand(B, 1, H, W, generator=g) > 0.7).float()
-    return out
+    return synthetic_batch(tasks, B, (H, W), torch.device("cpu"))[1]
 
 
 def _check(model, tasks: TaskSet, H=64, W=64):
