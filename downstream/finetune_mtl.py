@@ -15,7 +15,7 @@ import argparse
 from typing import Any, Dict, List, Optional
 
 from selfsup.config import load_config, nested_updates
-from selfsup.launcher import add_launch_args, launch
+from selfsup.launcher import add_launch_args, launch, user_errors
 
 from downstream.mtl.config import MTLConfig
 from downstream.mtl.train import run_finetune
@@ -49,7 +49,8 @@ def main(argv: Optional[List[str]] = None) -> Any:
         return load_config(MTLConfig, yaml_path=args.config, updates=flag_updates(args),
                            overrides=list(args.overrides) + list(extra))
 
-    return launch(run_finetune, make_cfg, args)
+    with user_errors():
+        return launch(run_finetune, make_cfg, args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from selfsup.config import load_config
-from selfsup.launcher import add_launch_args, launch
+from selfsup.launcher import add_launch_args, launch, user_errors
 from selfsup.moco.config import PretrainConfig, flags_to_updates
 from selfsup.moco.train import run_pretraining
 
@@ -57,7 +57,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return load_config(PretrainConfig, yaml_path=config, updates=flags_to_updates(args),
                            overrides=list(args.overrides) + list(extra))
 
-    launch(run_pretraining, make_cfg, args)
+    with user_errors():
+        launch(run_pretraining, make_cfg, args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ world size, and resumes from ``cfg.output_dir``'s last checkpoint, so a requeued
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -24,7 +25,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -297,3 +298,16 @@ def launch(fn: TrainFn, make_cfg: MakeConfig, args: argparse.Namespace) -> Any:
         raise ValueError("--nodes > 1 needs --slurm")
     results = [run_local(fn, cfg, nprocs=args.gpus) for cfg in cfgs]
     return results if args.sweep else results[0]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Entry points: bad input (config keys, missing data, unknown names) exits with one clear line, no traceback."""
+    from selfsup.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SystemExit(f"error: {message}") from None
+

@@ -199,3 +199,16 @@ def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
     res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), str(out / "checkpoint.pth"), "--format",
                           "detectron2", "--out", str(tmp_path / "d2.pkl")], capture_output=True, text=True, env=run_env())
     assert res.returncode == 0 and (tmp_path / "d2.pkl").is_file(), res.stderr
+
+
+@pytest.mark.parametrize("bad, message", [(["optim.lrr=3"], "optim.lrr"), (["--arch", "resnet5"], "resnet50"),
+                                          (["--data", "coco"], "SCENESSL_COCO_ROOT")])
+def test_pretrain_cli_bad_input_is_one_clear_error(tmp_path, repo, bad, message):
+    import subprocess
+    from conftest import PYTHON, run_env
+    env = run_env()
+    env.pop("SCENESSL_COCO_ROOT", None)
+    res = subprocess.run([PYTHON, str(repo / "launch" / "pretrain.py"), "--output-dir", str(tmp_path), *bad],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0
+    assert "error:" in res.stderr and message in res.stderr and "Traceback" not in res.stderr
