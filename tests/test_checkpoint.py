@@ -1,7 +1,6 @@
 import pickle
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np

@@ -65,7 +65,6 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_pretrain_schema_flags_and_presets(repo):
-    import argparse
     import sys
     sys.path.insert(0, str(repo / "launch"))
     try:

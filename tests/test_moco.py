@@ -85,7 +85,7 @@ def test_shuffle_bn_keeps_key_order():
 def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from selfsup.distributed import all_gather, cleanup, init_distributed
+    from selfsup.distributed import cleanup, init_distributed
     init_distributed(device_type="cpu")
     torch.manual_seed(0)  # same init on every rank
     m = tiny_moco(queue_size=16)

@@ -100,7 +100,7 @@ class MoCo(nn.Module):
         return F.normalize(g.float(), dim=1)[inverse], F.normalize(k.float(), dim=1)[inverse]
 
     def _encode_keys_ddp(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
-        world, rank, batch = get_world_size(), get_rank(), x.shape[0]
+        rank, batch = get_rank(), x.shape[0]
         x_all = all_gather(x)
         perm = torch.randperm(x_all.shape[0], device="cpu", generator=generator).to(x.device)
         if dist.is_initialized():

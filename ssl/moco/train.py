@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from selfsup import checkpoint as ckpt
 from selfsup.config import save_config, to_dict
-from selfsup.distributed import DistEnv, all_gather, get_world_size, init_distributed
+from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.moco.config import PretrainConfig
 from selfsup.moco.model import MoCo
