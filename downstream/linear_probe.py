@@ -12,30 +12,21 @@ import logging
 from typing import List, Optional
 
 import torch
-from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
 from selfsup.backbones import build_backbone
 from selfsup.checkpoint import load_backbone_weights
-from selfsup.data import build_dataset
-from selfsup.knn_monitor import extract_features, knn_accuracy
+from selfsup.knn_monitor import extract_features, knn_accuracy, labelled_loaders
 from downstream.evaluation.linear_probe import train_linear_probe
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def evaluate(*, weights: str, arch: str, data: str = "classification", root: Optional[str] = "embedded",
              size: int = 64, epochs: int = 100, workers: int = 2) -> dict:
     backbone = build_backbone(arch)
     if weights != "none":
         load_backbone_weights(backbone, weights)
-    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-    sets = [build_dataset(data, root=root, split=split, transform=transform) for split in ("train", "val")]
+    loaders, num_classes = labelled_loaders(data, root, size=size, workers=workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
-    train, val = (extract_features(backbone, DataLoader(ds, batch_size=256, num_workers=workers), device=device)
-                  for ds in sets)
-    num_classes = len(sets[0].classes)
+    train, val = (extract_features(backbone, loader, device=device) for loader in loaders)
     result = {"knn_top1": knn_accuracy(train, val, num_classes=num_classes)}
     result.update(train_linear_probe(train, val, num_classes=num_classes, epochs=epochs))
     return result

@@ -1,11 +1,26 @@
 """kNN classification of frozen features: cosine top-k, votes weighted exp(sim / T) (k = 20, T = 0.07)."""
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def labelled_loaders(name: str, root: Optional[str], *, size: int, workers: int = 2,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                     ) -> Tuple[List[DataLoader], int]:
+    """Train and val loaders of a class-folder dataset with Resize + CenterCrop(size), and its class count."""
+    from selfsup.data import build_dataset
+
+    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    sets = [build_dataset(name, root=root, split=split, transform=transform) for split in ("train", "val")]
+    return [DataLoader(ds, batch_size=256, num_workers=workers) for ds in sets], len(sets[0].classes)
 
 
 @torch.no_grad()

@@ -6,13 +6,11 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
 from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
 from selfsup.data import EMBEDDED, build_dataset, ensure_embedded_data
 from selfsup.distributed import DistEnv, barrier
-from selfsup.knn_monitor import extract_features, knn_accuracy
+from selfsup.knn_monitor import extract_features, knn_accuracy, labelled_loaders
 from selfsup.moco.config import PretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -55,12 +53,9 @@ def build_knn_monitor(cfg: PretrainConfig, device: torch.device) -> Optional[Cal
     name, root = cfg.data.knn_monitor, cfg.data.knn_monitor_root
     if name == EMBEDDED:
         name, root = "classification", root or _embedded(cfg, "classification")
-    size = cfg.augment.large_size
-    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                           T.Normalize(cfg.augment.mean, cfg.augment.std)])
-    sets = [build_dataset(name, root=root, split=split, transform=transform) for split in ("train", "val")]
-    loaders = [DataLoader(ds, batch_size=256, num_workers=min(2, cfg.data.num_workers)) for ds in sets]
-    num_classes = len(sets[0].classes)
+    loaders, num_classes = labelled_loaders(name, root, size=cfg.augment.large_size,
+                                            workers=min(2, cfg.data.num_workers), mean=cfg.augment.mean,
+                                            std=cfg.augment.std)
 
     def monitor(backbone: nn.Module) -> float:
         train, val = (extract_features(backbone, loader, device=device) for loader in loaders)
