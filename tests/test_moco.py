@@ -67,6 +67,21 @@ def test_instance_loss_hand_computed():
     assert stats["logit_pos"].item() == pytest.approx((0.8 + 0.8) / 2, rel=1e-5)
 
 
+def test_head_bn_centres_random_init_embeddings():
+    """Without BN in the MLP, random-init projections of different images point the same way (ReLU'd pooled
+    features are all positive), which stalls short MoCo runs; ``head_bn`` centres them."""
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 64, 64)
+    mean_cos = {}
+    for head_bn in (False, True):
+        m = tiny_moco(hidden_dim=128, dim=32, head_bn=head_bn)
+        assert any(isinstance(layer, torch.nn.BatchNorm1d) for layer in m.encoder_q.head) == head_bn
+        _, z = m.encoder_q([x])
+        z = F.normalize(z, dim=1)
+        mean_cos[head_bn] = (z @ z.t())[~torch.eye(32, dtype=torch.bool)].mean().item()
+    assert mean_cos[False] > 0.6 and mean_cos[True] < 0.5 * mean_cos[False], mean_cos
+
+
 def test_shuffle_bn_keeps_key_order():
     torch.manual_seed(0)
     m = tiny_moco(shuffle_bn_groups=4)
@@ -112,8 +127,10 @@ def _cfg(out, *extra):
     return load_config(PretrainConfig, overrides=TINY_PRETRAIN + [f"output_dir={out}", "data.knn_monitor=none"] + list(extra))
 
 
-def test_resume_is_bit_exact(tmp_path, embedded_root):
-    common = ["train.epochs=2", "train.steps_per_epoch=4", "train.checkpoint_every_steps=100"]
+@pytest.mark.parametrize("variant", [[], ["optim.name=adamw", "optim.lr=0.004", "model.head_bn=true"]],
+                         ids=["sgd", "adamw_head_bn"])
+def test_resume_is_bit_exact(tmp_path, embedded_root, variant):
+    common = ["train.epochs=2", "train.steps_per_epoch=4", "train.checkpoint_every_steps=100", *variant]
     run_pretraining(_cfg(tmp_path / "full", *common))
     stopped = run_pretraining(_cfg(tmp_path / "resumed", *common, "train.max_steps=3"))  # "killed" mid-epoch 0
     assert stopped["global_step"] == 3
@@ -201,7 +218,8 @@ def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
     assert res.returncode == 0 and (tmp_path / "d2.pkl").is_file(), res.stderr
 
 
-@pytest.mark.parametrize("bad, message", [(["optim.lrr=3"], "optim.lrr"), (["--arch", "resnet5"], "resnet50"),
+@pytest.mark.parametrize("bad, message", [(["optim.lrr=3"], "optim.lrr"), (["optim.name=lamb"], "optim.name"),
+                                          (["--arch", "resnet5"], "resnet50"),
                                           (["--data", "coco"], "SCENESSL_COCO_ROOT")])
 def test_pretrain_cli_bad_input_is_one_clear_error(tmp_path, repo, bad, message):
     import subprocess

@@ -12,6 +12,7 @@ from selfsup.config import nested_updates
 class ModelConfig:
     arch: str = "resnet50"
     hidden_dim: int = 2048  # projection MLP 2048-2048-128
+    head_bn: bool = False  # BN after the MLP's hidden layer (off in MoCo-v2; the CPU demo turns it on)
     dim: int = 128
     bn: str = "shuffle"  # "shuffle" (shuffle-BN; BN groups in one process) or "sync" (SyncBN)
     shuffle_bn_groups: int = 8  # one-process emulation of 8 GPUs' separate BN statistics
@@ -41,13 +42,22 @@ class DataConfig:
     knn_monitor_root: Optional[str] = None
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # "sgd" (MoCo-v2) or "adamw"
     lr: float = 0.3  # for a global batch of 256; scaled linearly with the global batch
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD momentum, or AdamW's beta1
+    beta2: float = 0.999  # AdamW only
     weight_decay: float = 1e-4
     batch_size: int = 256  # global, divided over the processes
     warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name={self.name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 @dataclass

@@ -15,16 +15,19 @@ from selfsup.moco.losses import instance_loss, knn_positives_loss, mine_neighbou
 
 
 class Encoder(nn.Module):
-    """Backbone g + projection MLP h (Linear, ReLU, Linear).
+    """Backbone g + projection MLP h: Linear, ReLU, Linear (MoCo-v2), or Linear, BN, ReLU, Linear with
+    ``head_bn`` (as SimCLR and MoCo-v3: the BN centres the embeddings, which short runs need, see
+    docs/pretraining.md).
 
     ``forward(views)`` takes a list of image batches; consecutive batches of the same size are
     encoded in one forward. Returns (backbone features [N, C], projections [N, D]), both un-normalised.
     """
 
-    def __init__(self, backbone: nn.Module, *, hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, backbone: nn.Module, *, hidden_dim: int, out_dim: int, head_bn: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Linear(backbone.num_features, hidden_dim), nn.ReLU(inplace=True),
+        norm = [nn.BatchNorm1d(hidden_dim)] if head_bn else []
+        self.head = nn.Sequential(nn.Linear(backbone.num_features, hidden_dim), *norm, nn.ReLU(inplace=True),
                                   nn.Linear(hidden_dim, out_dim))
 
     def forward(self, views: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +52,13 @@ class MoCo(nn.Module):
     def __init__(self, *, arch: str, hidden_dim: int = 2048, dim: int = 128, queue_size: int = 65536,
                  temperature: float = 0.2, knn_k: int = 0, knn_weight: float = 0.4,
                  shuffle_bn_groups: int = 8, backbone_queue_dtype: torch.dtype = torch.float32,
-                 sync_bn: bool = False) -> None:
+                 sync_bn: bool = False, head_bn: bool = False) -> None:
         super().__init__()
         self.queue_size, self.temperature = queue_size, temperature
         self.knn_k, self.knn_weight = knn_k, knn_weight
         self.shuffle_bn_groups = shuffle_bn_groups
         self.sync_bn = sync_bn
-        self.encoder_q = Encoder(build_backbone(arch), hidden_dim=hidden_dim, out_dim=dim)
+        self.encoder_q = Encoder(build_backbone(arch), hidden_dim=hidden_dim, out_dim=dim, head_bn=head_bn)
         if sync_bn:
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
         self.encoder_k = copy.deepcopy(self.encoder_q)

@@ -15,7 +15,7 @@ from selfsup import checkpoint as ckpt
 from selfsup.config import save_config, to_dict
 from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
-from selfsup.moco.config import PretrainConfig
+from selfsup.moco.config import OptimConfig, PretrainConfig
 from selfsup.moco.model import MoCo
 from selfsup.schedule import cosine_lr
 
@@ -40,11 +40,18 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MoCo:
                  queue_size=cfg.moco.queue_size, temperature=cfg.moco.temperature, knn_k=cfg.moco.knn_k,
                  knn_weight=cfg.moco.knn_weight, shuffle_bn_groups=cfg.model.shuffle_bn_groups,
                  backbone_queue_dtype=getattr(torch, cfg.moco.backbone_queue_dtype),
-                 sync_bn=cfg.model.bn == "sync" and get_world_size() > 1)
+                 sync_bn=cfg.model.bn == "sync" and get_world_size() > 1, head_bn=cfg.model.head_bn)
     model = model.to(device)
     if device.type == "cuda" and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (MoCo-v2) or AdamW (``optim.name: adamw``, betas (0.9, ``optim.beta2``))."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer: torch.optim.Optimizer, *,
@@ -134,8 +141,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     if cfg.model.compile:
         model.encoder_q.backbone.compile()
     base_lr = cfg.optim.lr * global_batch / 256
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg.optim, model.encoder_q.parameters(), base_lr)
     loader = build_loader(cfg, env, device)
     steps = len(loader) if cfg.train.steps_per_epoch <= 0 else min(len(loader), cfg.train.steps_per_epoch)
     total_steps = steps * cfg.train.epochs
