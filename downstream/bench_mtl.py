@@ -26,7 +26,7 @@ TINY = dict(fpn_channels=16, head_channels=16, task_channels=8)
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", help="backbone (with FPN): resnet18/34/50/101, resnet_tiny")
+    p.add_argument("--arch", default="resnet18", help="backbone (with FPN): resnet18/34/50/101, hrnet18, resnet_tiny")
     p.add_argument("--models", nargs="+", default=["mtl_baseline", "pad_net", "mti_net"])
     p.add_argument("--dataset", default="nyud", choices=["nyud", "pascal_context"])
     p.add_argument("--tasks", nargs="+", default=["semseg", "depth"])

@@ -10,6 +10,10 @@ Every backbone exposes one interface:
 as DeepLab heads and dense evaluations (DAVIS propagation at stride 8) need.
 The state_dict keys equal torchvision's ResNet keys without ``fc.*``, so an exported
 backbone loads straight into ``torchvision.models.resnet50()``.
+
+``hrnet18`` (HRNetV2-W18, :mod:`selfsup.hrnet`) has the same interface with channels (18, 36, 72, 144),
+``num_features`` 270 (the 4 branches upsampled to stride 4 and concatenated, then pooled) and only
+``output_stride=32``; ``forward_dense(x, stage)`` returns its branch ``stage - 1``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from selfsup.hrnet import HRNetBackbone
 from selfsup.registry import Registry
 
 BACKBONES = Registry("backbone")
@@ -140,6 +145,14 @@ def resnet_small(*, output_stride: int = 32, zero_init_residual: bool = False,
                        widths=(32, 64, 128, 256))
 
 
-def build_backbone(name: str, **kwargs) -> ResNetBackbone:
+@BACKBONES.register("hrnet18")
+def hrnet18(*, output_stride: int = 32, zero_init_residual: bool = False,
+            norm_layer: Optional[Callable[..., nn.Module]] = None) -> HRNetBackbone:
+    """HRNetV2-W18 (random init; weights are never downloaded). Only ``output_stride=32``."""
+    return HRNetBackbone(width=18, output_stride=output_stride, zero_init_residual=zero_init_residual,
+                         norm_layer=norm_layer)
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
     """Build a registered backbone by name, e.g. ``build_backbone("resnet50", output_stride=8)``."""
     return BACKBONES.build(name, **kwargs)

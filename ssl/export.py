@@ -52,8 +52,28 @@ def to_moco(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor]) ->
             "state_dict": out, "optimizer": {}}
 
 
+# formats whose consumers build a ResNet (torchvision.models.resnet*, detectron2's ResNet): the backbone keys must
+# be torchvision ResNet keys; the MoCo layout only adds prefixes and takes any backbone
+RESNET_ONLY_FORMATS = ("torchvision", "detectron2")
+_RESNET_KEY = re.compile(r"(conv1|bn1|layer[1-4])\.")
+
+
+def check_resnet_state(state: Mapping[str, torch.Tensor], *, fmt: str, source: object = "checkpoint") -> None:
+    """Raise ``ValueError`` unless ``state`` holds torchvision ResNet keys (``conv1``, ``bn1``, ``layer1-4``)."""
+    other = [k for k in state if not _RESNET_KEY.match(k)]
+    if other or "conv1.weight" not in state:
+        example = ", ".join(other[:3]) if other else "no conv1.weight"
+        raise ValueError(f"{source}: export format {fmt!r} needs a ResNet backbone (torchvision keys conv1, bn1, "
+                         f"layer1-4), but this backbone is not one (e.g. {example}); non-ResNet backbones such as "
+                         f"hrnet18 can be exported with --format moco or loaded directly with "
+                         f"selfsup.checkpoint.load_backbone_weights")
+
+
 def export_backbone(checkpoint_path: Union[str, Path], *, fmt: str, out: Union[str, Path]) -> Path:
-    """Write the backbone of ``checkpoint_path`` to ``out`` in format ``fmt``."""
+    """Write the backbone of ``checkpoint_path`` to ``out`` in format ``fmt``.
+
+    ``torchvision`` and ``detectron2`` need a ResNet backbone (``ValueError`` otherwise); ``moco`` takes any.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     out = Path(out)
@@ -61,6 +81,8 @@ def export_backbone(checkpoint_path: Union[str, Path], *, fmt: str, out: Union[s
     state = backbone_state_dict(state_dict_from_file(checkpoint))
     if not state:
         raise ValueError(f"{checkpoint_path}: no backbone weights found")
+    if fmt in RESNET_ONLY_FORMATS:
+        check_resnet_state(state, fmt=fmt, source=checkpoint_path)
     if fmt == "torchvision":
         save_checkpoint(state, out)
     elif fmt == "moco":

@@ -75,3 +75,13 @@ def test_deeplab_baseline_on_dilated_backbone():
 def test_odd_input_size_mti_net():
     tasks = TASK_SETS["nyud_aux"]
     _check(build_model("mti_net", tasks=tasks, **TINY), tasks, H=50, W=70)
+
+
+@pytest.mark.parametrize("arch,neck", [("mti_net", "none"), ("mtl_baseline", "fpn")])
+def test_hrnet18_backbone(arch, neck):
+    """HRNetV2-W18 encoder: MTI-Net directly on the 4 branches (as in the paper), the baseline on an FPN."""
+    tasks = TASK_SETS["nyud"]
+    model = build_model(arch, tasks=tasks, backbone="hrnet18", neck=neck, fpn_channels=16, head_channels=16,
+                        task_channels=8)
+    assert model.encoder.channels == ([18, 36, 72, 144] if neck == "none" else [16] * 4)
+    _check(model, tasks)
