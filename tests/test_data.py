@@ -16,6 +16,7 @@ from selfsup.data import (DATASETS, DAVIS2017, NYUDMT, ClassificationFolder, Ima
                           resolve_data_root)
 from selfsup.data import mt_transforms as T
 from selfsup.data.labels import voc_palette
+from selfsup.data.scenes import MAX_WALL_DEPTH_M
 from selfsup.data.preview import save_sample_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,9 @@ def test_nyud_sample(data_root):
     raw = np.array(Image.open(ds.label_path("semseg", s["meta"]["id"])))
     assert torch.equal(s["semseg"], torch.from_numpy(np.where(raw == 0, 255, raw.astype(np.int64) - 1)))
     assert s["depth"].shape == (1, H, W) and s["depth"].min() >= 0 and 0.5 < s["depth"].max() < 100
+    # indoor range, as NYUD's Kinect: no pixel of any image lies beyond the back wall's maximum distance
+    far = max(float(ds[i]["depth"].max()) for i in range(len(ds)))
+    assert 2.0 < far <= MAX_WALL_DEPTH_M + 1e-3
     depth_valid, normal_valid = s["depth"][0] > 0, s["normals"].norm(dim=0) > 0
     assert torch.equal(depth_valid, normal_valid)
     assert s["edge"].shape == (1, H, W)

@@ -51,6 +51,7 @@ PERSON_HEIGHT_M = 1.7
 CLASS_COLOUR_PROB = 0.3
 NUM_ROOM_STYLES = 8
 ROOM_SEED = 1234
+MAX_WALL_DEPTH_M = 9.0
 BACKGROUND_LABELS = {"wall": 22, "floor": 23}  # extra context labels written into LabelMap
 
 
@@ -133,8 +134,10 @@ def sample_scene(
     focal = width * rng.uniform(0.8, 1.0)
     horizon = height * rng.uniform(0.2, 0.4)
     cam_height = rng.uniform(1.2, 1.8)
-    wall_row = rng.uniform(0.35, 0.55) * height
-    wall_depth = focal * cam_height / max(wall_row - horizon, 1.0)
+    # the back wall stands at most MAX_WALL_DEPTH_M away (indoor range, as NYUD's Kinect depth): lower its
+    # foot where the sampled row would put it further
+    wall_row = max(rng.uniform(0.35, 0.55) * height, horizon + focal * cam_height / MAX_WALL_DEPTH_M)
+    wall_depth = focal * cam_height / (wall_row - horizon)
     light = _unit(np.array([rng.uniform(-0.7, 0.7), rng.uniform(0.3, 1.0), rng.uniform(0.4, 1.0)]))
     # rooms come from a few shared styles (as real scenes share floors and walls), so the background
     # does not identify an image: telling images apart needs the objects

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 FORMATS: Tuple[str, ...] = ("coco", "pascal_context", "nyud", "davis2017", "voc2012", "classification")
 _FORMAT_CODE = {name: code for code, name in enumerate(FORMATS)}
 # bump when the generated data changes: cached embedded data of older versions is not reused
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 DEFAULT_SIZE = 96
 DEFAULT_NUM = 200
 DEFAULT_SEED = 0
