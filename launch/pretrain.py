@@ -28,7 +28,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "without --config and --data: configs/pretrain/demo.yaml")
     p.add_argument("--data", help="dataset name (coco, embedded, ...) or a folder of images")
     p.add_argument("--data-root", help="root folder of --data (else $SCENESSL_<NAME>_ROOT)")
-    p.add_argument("--arch", help="backbone: resnet18/34/50/101, resnet_small (CPU demo), resnet_tiny (tests)")
+    p.add_argument("--arch", help="backbone: resnet18/34/50/101, hrnet18, resnet_small (CPU demo), resnet_tiny (tests)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size (default 256)")
     p.add_argument("--lr", type=float, help="learning rate for a global batch of 256 (default 0.3)")

@@ -230,3 +230,14 @@ def test_pretrain_cli_bad_input_is_one_clear_error(tmp_path, repo, bad, message)
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode != 0
     assert "error:" in res.stderr and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_moco_step_with_hrnet_backbone():
+    """Any registered backbone pretrains: one MoCo step with HRNet-18 gives a finite loss and backbone gradients."""
+    torch.manual_seed(0)
+    m = MoCo(arch="hrnet18", hidden_dim=32, dim=8, queue_size=16, shuffle_bn_groups=2)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    out, (keys, _) = m(views, momentum=0.99)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and keys.shape == (4, 8)
+    assert all(p.grad is not None for p in m.encoder_q.backbone.parameters())
