@@ -241,3 +241,16 @@ def test_moco_step_with_hrnet_backbone():
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and keys.shape == (4, 8)
     assert all(p.grad is not None for p in m.encoder_q.backbone.parameters())
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions():
+    """moco.symmetric: crop 1 is also a query with crop 0's key as positive; only crop 1's keys are enqueued."""
+    torch.manual_seed(0)
+    m = tiny_moco(symmetric=True).eval()  # eval: BN uses running statistics, so grouping does not matter
+    a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    out, (keys, _) = m([a, b], momentum=1.0)  # momentum 1: the key encoder does not change
+    m.symmetric = False
+    ab, (keys_ab, _) = m([a, b], momentum=1.0)
+    ba, _ = m([b, a], momentum=1.0)
+    assert out["loss"].item() == pytest.approx((ab["loss"].item() + ba["loss"].item()) / 2, rel=1e-5)
+    assert torch.allclose(keys, keys_ab, atol=1e-6) and keys.shape == (4, 8)

@@ -26,6 +26,7 @@ class MocoConfig:
     momentum: float = 0.999
     temperature: float = 0.2
     knn_k: int = 0  # 0 = kNN positives off; the improved recipe uses 20
+    symmetric: bool = False  # also use the key crop as a query (MoCo-v3's symmetrised loss); 2x key-encoder cost
     knn_weight: float = 0.4
     knn_warmup_epochs: int = 5
     backbone_queue_dtype: str = "float32"  # "bfloat16" halves the 2048 x K queue on GPU

@@ -52,11 +52,12 @@ class MoCo(nn.Module):
     def __init__(self, *, arch: str, hidden_dim: int = 2048, dim: int = 128, queue_size: int = 65536,
                  temperature: float = 0.2, knn_k: int = 0, knn_weight: float = 0.4,
                  shuffle_bn_groups: int = 8, backbone_queue_dtype: torch.dtype = torch.float32,
-                 sync_bn: bool = False, head_bn: bool = False) -> None:
+                 sync_bn: bool = False, head_bn: bool = False, symmetric: bool = False) -> None:
         super().__init__()
         self.queue_size, self.temperature = queue_size, temperature
         self.knn_k, self.knn_weight = knn_k, knn_weight
         self.shuffle_bn_groups = shuffle_bn_groups
+        self.symmetric = symmetric
         self.sync_bn = sync_bn
         self.encoder_q = Encoder(build_backbone(arch), hidden_dim=hidden_dim, out_dim=dim, head_bn=head_bn)
         if sync_bn:
@@ -137,14 +138,20 @@ class MoCo(nn.Module):
         from all ranks). Losses use the queue state from before this step's enqueue.
         ``query_encoder``: ``encoder_q`` wrapped in DDP when distributed (kept outside the state_dict).
         """
-        queries = [views[0]] + list(views[2:])
-        g_q, z_q = (query_encoder or self.encoder_q)(queries)  # [B*(1+n), C], [B*(1+n), D]
+        batch = views[0].shape[0]
+        # symmetric: the key crop is also a query, whose positive is the query crop's key
+        queries = [views[0]] + ([views[1]] if self.symmetric else []) + list(views[2:])
+        g_q, z_q = (query_encoder or self.encoder_q)(queries)  # [B*(1+s+n), C], [B*(1+s+n), D]
         q = F.normalize(z_q.float(), dim=1)
         with torch.no_grad():
             self.momentum_update(momentum)
-            g_k, k = self.encode_keys(views[1], generator)
-        repeats = len(queries)
-        k_rows = k.repeat(repeats, 1)  # every query row uses the one key of its image as positive
+            key_views = torch.cat([views[1], views[0]]) if self.symmetric else views[1]
+            g_k, k = self.encode_keys(key_views, generator)
+        if self.symmetric:  # rows: key of crop 1 (enqueued) | key of crop 0 (positive of the crop-1 query only)
+            g_k, (k, k_swap) = g_k[:batch], k.split(batch)
+            k_rows = torch.cat([k, k_swap, k.repeat(len(views) - 2, 1)])
+        else:
+            k_rows = k.repeat(len(queries), 1)  # every query row uses the one key of its image as positive
         loss_inst, stats = instance_loss(q, k_rows, self.key_queue.detach().float(), temperature=self.temperature)
         out = dict(stats, loss_inst=loss_inst.detach())
         loss = loss_inst

@@ -40,7 +40,8 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MoCo:
                  queue_size=cfg.moco.queue_size, temperature=cfg.moco.temperature, knn_k=cfg.moco.knn_k,
                  knn_weight=cfg.moco.knn_weight, shuffle_bn_groups=cfg.model.shuffle_bn_groups,
                  backbone_queue_dtype=getattr(torch, cfg.moco.backbone_queue_dtype),
-                 sync_bn=cfg.model.bn == "sync" and get_world_size() > 1, head_bn=cfg.model.head_bn)
+                 sync_bn=cfg.model.bn == "sync" and get_world_size() > 1, head_bn=cfg.model.head_bn,
+                 symmetric=cfg.moco.symmetric)
     model = model.to(device)
     if device.type == "cuda" and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
