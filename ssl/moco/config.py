@@ -12,7 +12,7 @@ from selfsup.config import nested_updates
 class ModelConfig:
     arch: str = "resnet50"
     hidden_dim: int = 2048  # projection MLP 2048-2048-128
-    head_bn: bool = False  # BN after the MLP's hidden layer (off in MoCo-v2; the CPU demo turns it on)
+    head_bn: bool = False  # BN after the MLP's hidden layer (SimCLR / MoCo-v3); off in MoCo-v2
     dim: int = 128
     bn: str = "shuffle"  # "shuffle" (shuffle-BN; BN groups in one process) or "sync" (SyncBN)
     shuffle_bn_groups: int = 8  # one-process emulation of 8 GPUs' separate BN statistics
