@@ -60,6 +60,8 @@ def test_finetune_script_subprocess_mti_net_with_delta(tmp_path, embedded_root):
     for name in ("config.yaml", "checkpoint.pth", "model_report.json", "log_rank0.txt"):
         assert (out / name).is_file(), name
     assert any((out / "tb").iterdir())
+    # the depth outputs (4 initial scales + final) started at the training images' mean depth
+    assert "in 5 prediction layer(s) (model.depth_init=train_mean)" in (out / "log_rank0.txt").read_text()
 
 
 def test_single_task_runs_record_results_and_resume(tmp_path, embedded_root):
@@ -92,3 +94,25 @@ def test_unknown_config_key_is_rejected(tmp_path, embedded_root):
 
     with pytest.raises(SystemExit, match="error: .*no_such_key"):  # one clear line, no traceback
         main(_args(tmp_path, embedded_root, "--output-dir", str(tmp_path / "run"), "model.no_such_key=1"))
+
+
+def test_mean_train_depth_is_the_mean_of_valid_pixels(embedded_root):
+    import numpy as np
+
+    from downstream.mtl.config import DataConfig
+    from downstream.mtl.data import mean_train_depth
+
+    root = embedded_root / "nyud"
+    ids = (root / "gt_sets" / "train.txt").read_text().split()[:6]
+    depths = [np.load(root / "depth" / f"{i}.npy") for i in ids]
+    expected = np.concatenate([d[d > 0] for d in depths]).astype(np.float64).mean()
+    got = mean_train_depth(DataConfig(root=str(root), max_train_images=6), max_images=64)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert 0.5 < got < 9.0  # indoor range of the embedded scenes
+
+
+def test_bad_depth_init_is_rejected(tmp_path, embedded_root):
+    from downstream.finetune_mtl import main
+
+    with pytest.raises(SystemExit, match="model.depth_init='deep'"):
+        main(_args(tmp_path, embedded_root, "--output-dir", str(tmp_path / "run"), "model.depth_init=deep"))

@@ -4,7 +4,7 @@ import torch
 
 from downstream.mtl.bench import synthetic_batch
 from downstream.mtl.losses import MultiTaskLoss
-from downstream.mtl.models import architecture_names, build_model
+from downstream.mtl.models import architecture_names, build_model, init_output_bias
 from downstream.mtl.tasks import TaskSet, loss_weights
 
 TINY = dict(backbone="resnet_tiny", fpn_channels=16, head_channels=16, task_channels=8)
@@ -85,3 +85,24 @@ def test_hrnet18_backbone(arch, neck):
                         task_channels=8)
     assert model.encoder.channels == ([18, 36, 72, 144] if neck == "none" else [16] * 4)
     _check(model, tasks)
+
+
+@pytest.mark.parametrize("arch", ["single_task", "mtl_baseline", "pad_net", "mti_net"])
+def test_depth_output_starts_at_the_prior(arch):
+    """init_output_bias sets every depth prediction layer (initial and final) and no other task's."""
+    tasks = TaskSet("nyud", ("depth",)) if arch == "single_task" else TASK_SETS["nyud_aux"]
+    model = build_model(arch, tasks=tasks, **TINY)
+    expected_layers = {"single_task": 1, "mtl_baseline": 1, "pad_net": 2, "mti_net": 5}[arch]
+    assert init_output_bias(model, "depth", 5.0) == expected_layers
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    groups = [out["final"], *out["initial"]]
+    assert sum("depth" in g for g in groups) == expected_layers
+    for group in groups:
+        if "depth" in group:
+            assert abs(group["depth"].mean().item() - 5.0) < 1.0
+        for t in set(group) - {"depth"}:
+            assert abs(group[t].mean().item()) < 1.0  # other tasks keep PyTorch's init
+    with pytest.raises(ValueError, match="no prediction layer for task 'human_parts'"):
+        init_output_bias(model, "human_parts", 1.0)

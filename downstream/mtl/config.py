@@ -36,6 +36,22 @@ class ModelConfig:
     task_channels: int = 64  # per-task feature channels of PAD-Net / MTI-Net
     aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])
     num_outputs: Dict[str, int] = field(default_factory=dict)  # override output channels per task
+    # bias of the depth prediction layers: "train_mean" (mean valid depth of up to 64 training images),
+    # "none" (PyTorch's default init, the output starts near 0 m) or a depth in metres such as "2.5"
+    depth_init: str = "train_mean"
+
+    def __post_init__(self) -> None:
+        depth_init_value(self.depth_init)  # fail at config time on a bad value
+
+
+def depth_init_value(depth_init: str) -> Optional[float]:
+    """``model.depth_init`` as metres; None for "train_mean" and "none" (resolved by the caller)."""
+    if depth_init in ("train_mean", "none"):
+        return None
+    try:
+        return float(depth_init)
+    except ValueError:
+        raise ValueError(f"model.depth_init={depth_init!r}: expected 'train_mean', 'none' or a depth in metres") from None
 
 
 @dataclass

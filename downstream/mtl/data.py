@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -37,6 +38,20 @@ def resolve_crop_size(cfg: DataConfig) -> Tuple[int, int]:
         return tuple(cfg.crop_size)  # type: ignore[return-value]
     train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=[], transform=None)
     return tuple(train[0]["image"].shape[-2:])  # type: ignore[index,return-value]
+
+
+def mean_train_depth(cfg: DataConfig, max_images: int = 64) -> float:
+    """Mean valid depth (metres, GT > 0) of up to ``max_images`` training images spread over the split."""
+    train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=["depth"], transform=None)
+    n = len(train) if not cfg.max_train_images else min(cfg.max_train_images, len(train))
+    total, count = 0.0, 0
+    for index in np.linspace(0, n - 1, num=min(max_images, n)).round().astype(int):
+        depth = torch.as_tensor(train[int(index)]["depth"])
+        valid = depth > 0
+        total, count = total + float(depth[valid].double().sum()), count + int(valid.sum())
+    if count == 0:
+        raise ValueError(f"no valid depth (> 0) in the {cfg.train_split!r} split of {cfg.root}")
+    return total / count
 
 
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:

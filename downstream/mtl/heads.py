@@ -6,7 +6,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .layers import ASPP, conv_bn_relu, resize
+from .layers import ASPP, PredictionConv, conv_bn_relu, resize
 from .registry import HEADS
 
 
@@ -17,7 +17,7 @@ class MultiScaleHead(nn.Module):
     def __init__(self, *, in_channels: Sequence[int], num_outputs: int, channels: int = 256, **_: object) -> None:
         super().__init__()
         self.fuse = conv_bn_relu(sum(in_channels), channels, 1)
-        self.classifier = nn.Conv2d(channels, num_outputs, 1)
+        self.classifier = PredictionConv(channels, num_outputs)
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         size = feats[0].shape[-2:]
@@ -33,7 +33,7 @@ class DeepLabHead(nn.Module):
         super().__init__()
         self.aspp = ASPP(in_channels[-1], channels, rates)
         self.refine = conv_bn_relu(channels, channels, 3)
-        self.classifier = nn.Conv2d(channels, num_outputs, 1)
+        self.classifier = PredictionConv(channels, num_outputs)
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         return self.classifier(self.refine(self.aspp(feats[-1])))

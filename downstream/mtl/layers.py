@@ -8,6 +8,14 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class PredictionConv(nn.Conv2d):
+    """The 1x1 convolution that outputs a task's prediction (initial or final); ``init_output_bias`` finds
+    these to start a regression output (depth) at a data prior instead of 0."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:
     padding = dilation * (kernel_size // 2)
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),

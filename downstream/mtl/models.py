@@ -7,6 +7,7 @@ from torch import nn
 
 from . import baseline, mti_net, pad_net  # noqa: F401  (register the architectures)
 from .encoder import build_encoder
+from .layers import PredictionConv
 from .registry import ARCHITECTURES
 from .tasks import TaskSet
 
@@ -22,6 +23,24 @@ def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output
     encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)
     return builder(encoder=encoder, tasks=tasks.main, auxiliary=tasks.auxiliary, channels=tasks.channels(), head=head,
                    head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates))
+
+
+def init_output_bias(model: nn.Module, task: str, value: float) -> int:
+    """Set the bias of every prediction layer of ``task`` (initial and final) to ``value``; returns how many.
+
+    A depth output that starts at 0 m needs many steps just to reach the scene's typical depth; starting it at
+    the training set's mean depth spends them on the structure instead. Prediction layers are the
+    :class:`PredictionConv` modules below a ``ModuleDict`` entry named ``task``.
+    """
+    layers = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleDict) and task in module:
+            layers += [m for m in module[task].modules() if isinstance(m, PredictionConv)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no prediction layer for task {task!r}")
+    for layer in layers:
+        nn.init.constant_(layer.bias, value)
+    return len(layers)
 
 
 def architecture_names() -> list:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .distillation import MultiModalDistillation
 from .encoder import Encoder
-from .layers import ResidualBlock, SqueezeExcitation, conv_bn_relu, residual_stack, resize
+from .layers import PredictionConv, ResidualBlock, SqueezeExcitation, conv_bn_relu, residual_stack, resize
 from .registry import ARCHITECTURES
 
 
@@ -57,11 +57,11 @@ class MTINet(nn.Module):
         self.initial_features = nn.ModuleList(
             nn.ModuleDict({t: residual_stack(in_ch[s] + (C if s < 3 else 0), C) for t in all_tasks}) for s in range(4))
         self.initial_predictions = nn.ModuleList(
-            nn.ModuleDict({t: nn.Conv2d(C, channels[t], 1) for t in all_tasks}) for _ in range(4))
+            nn.ModuleDict({t: PredictionConv(C, channels[t]) for t in all_tasks}) for _ in range(4))
         self.propagation = nn.ModuleList(FeaturePropagation(tasks=all_tasks, channels=C) for _ in range(1, 4))
         self.distillation = nn.ModuleList(
             MultiModalDistillation(targets=self.tasks, sources=all_tasks, channels=C) for _ in range(4))
-        self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(4 * C, 4 * C, 1), nn.Conv2d(4 * C, channels[t], 1))
+        self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(4 * C, 4 * C, 1), PredictionConv(4 * C, channels[t]))
                                     for t in self.tasks})
 
     def forward(self, x: torch.Tensor) -> Dict[str, object]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from .distillation import MultiModalDistillation
 from .encoder import Encoder
-from .layers import conv_bn_relu, residual_stack, resize
+from .layers import PredictionConv, conv_bn_relu, residual_stack, resize
 from .registry import ARCHITECTURES
 
 
@@ -22,10 +22,10 @@ class PADNet(nn.Module):
         # multi-scale features fused at 1/4 (the resolution PAD-Net distils at)
         self.fuse = conv_bn_relu(sum(encoder.channels), head_channels, 1)
         self.task_features = nn.ModuleDict({t: residual_stack(head_channels, task_channels) for t in all_tasks})
-        self.initial_predictions = nn.ModuleDict({t: nn.Conv2d(task_channels, channels[t], 1) for t in all_tasks})
+        self.initial_predictions = nn.ModuleDict({t: PredictionConv(task_channels, channels[t]) for t in all_tasks})
         self.distillation = MultiModalDistillation(targets=self.tasks, sources=all_tasks, channels=task_channels)
         self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(task_channels, task_channels, 3),
-                                                     nn.Conv2d(task_channels, channels[t], 1)) for t in self.tasks})
+                                                     PredictionConv(task_channels, channels[t])) for t in self.tasks})
 
     def forward(self, x: torch.Tensor) -> Dict[str, object]:
         size = x.shape[-2:]

@@ -23,13 +23,13 @@ from selfsup.distributed import barrier, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.schedule import poly_lr
 
-from .config import MTLConfig
-from .data import build_loaders, resolve_crop_size
+from .config import MTLConfig, depth_init_value
+from .data import build_loaders, mean_train_depth, resolve_crop_size
 from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
 from .engine import evaluate, train_one_epoch
 from .flops import format_report, model_cost, relative_report
 from .losses import MultiTaskLoss
-from .models import build_model
+from .models import build_model, init_output_bias
 from .tasks import TaskSet, loss_weights
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,18 @@ def model_report(cfg: MTLConfig) -> Dict[str, Any]:
               for t in tasks.main}
     return {**relative_report(cfg.model.arch, cost, single), "input_size": list(size),
             "single_task": {t: c for t, c in single.items()}}
+
+
+def init_depth_output(cfg: MTLConfig, tasks: TaskSet, model: nn.Module) -> None:
+    """Start the depth prediction layers at ``model.depth_init`` (a resumed run loads its own biases later)."""
+    if "depth" not in tasks.all or cfg.model.depth_init == "none":
+        return
+    value = depth_init_value(cfg.model.depth_init)
+    if value is None:
+        value = mean_train_depth(cfg.data)
+    layers = init_output_bias(model, "depth", value)
+    logger.info("depth output: bias %.3f m in %d prediction layer(s) (model.depth_init=%s)", value, layers,
+                cfg.model.depth_init)
 
 
 def build_optimizer(cfg: MTLConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -107,6 +119,7 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         logger.info("backbone weights: %s", cfg.model.weights)
     else:
         logger.info("backbone: random init (--weights none)")
+    init_depth_output(cfg, tasks, model)
     model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
