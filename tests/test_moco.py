@@ -254,3 +254,13 @@ def test_symmetric_loss_is_the_mean_of_both_directions():
     ba, _ = m([b, a], momentum=1.0)
     assert out["loss"].item() == pytest.approx((ab["loss"].item() + ba["loss"].item()) / 2, rel=1e-5)
     assert torch.allclose(keys, keys_ab, atol=1e-6) and keys.shape == (4, 8)
+
+
+def test_pretraining_on_the_embedded_object_images(embedded_root):
+    """``data.name=classification data.root=embedded``: the train split of the embedded classification images."""
+    from selfsup.moco.config import DataConfig, PretrainConfig
+    from selfsup.moco.data import pretrain_files
+
+    files = pretrain_files(PretrainConfig(data=DataConfig(name="classification", root="embedded", embedded_num=200)))
+    expected = sorted(str(p) for p in (embedded_root / "classification" / "train").rglob("*.jpg"))
+    assert sorted(files) == expected and len(files) == 200

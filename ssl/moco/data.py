@@ -9,6 +9,7 @@ from torch import nn
 
 from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
 from selfsup.data import EMBEDDED, build_dataset, ensure_embedded_data
+from selfsup.data.catalog import EMBEDDED_SUBDIR
 from selfsup.distributed import DistEnv, barrier
 from selfsup.knn_monitor import extract_features, knn_accuracy, labelled_loaders
 from selfsup.moco.config import PretrainConfig
@@ -21,10 +22,15 @@ def _embedded(cfg: PretrainConfig, subdir: str) -> str:
 
 
 def pretrain_files(cfg: PretrainConfig) -> List[str]:
-    """Image files of the pretraining set: a registered name (``coco``, ``embedded``, ...) or a folder."""
+    """Image files of the pretraining set: a registered name (``coco``, ``embedded``, ...) or a folder.
+
+    ``data.root: embedded`` takes that dataset's part of the embedded data at ``data.embedded_num`` images
+    (``classification`` pretrains on its train split, labels unused)."""
     name, root = cfg.data.name, cfg.data.root
     if name == EMBEDDED:
         name, root = "coco", root or _embedded(cfg, "coco")
+    elif root == EMBEDDED and name in EMBEDDED_SUBDIR:  # e.g. the object-centric images: classification + embedded
+        root = _embedded(cfg, EMBEDDED_SUBDIR[name])
     dataset = build_dataset(name, root=root) if root is not None else build_dataset(name)
     return [str(f) for f in dataset.files]
 
