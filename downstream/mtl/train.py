@@ -60,7 +60,7 @@ def model_report(cfg: MTLConfig) -> Dict[str, Any]:
 
 
 def init_depth_output(cfg: MTLConfig, tasks: TaskSet, model: nn.Module) -> None:
-    """Start the depth prediction layers at ``model.depth_init`` (a resumed run loads its own biases later)."""
+    """Start the depth prediction layers at ``model.depth_init`` (fresh runs only)."""
     if "depth" not in tasks.all or cfg.model.depth_init == "none":
         return
     value = depth_init_value(cfg.model.depth_init)
@@ -119,7 +119,9 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         logger.info("backbone weights: %s", cfg.model.weights)
     else:
         logger.info("backbone: random init (--weights none)")
-    init_depth_output(cfg, tasks, model)
+    resume = last_checkpoint(out)
+    if resume is None:  # a resumed run loads its own biases: skip reading the depth maps
+        init_depth_output(cfg, tasks, model)
     model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -137,7 +139,6 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     lr_at = lambda step: poly_lr(step, total_steps=total_steps, base_lr=cfg.optim.lr, power=cfg.optim.poly_power)  # noqa: E731
 
     start_epoch, step = 0, 0
-    resume = last_checkpoint(out)
     if resume is not None:
         state = load_checkpoint(resume)
         net.load_state_dict(state["model"])
