@@ -35,6 +35,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="data loader workers per process")
     p.add_argument("--seed", type=int)
     p.add_argument("--output-dir", help="run directory: config, checkpoints, TensorBoard; runs resume from it")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even when the config differs from the checkpoint's in keys that change the run "
+                        "(without it such a resume is an error listing the keys; see docs/reliability.md)")
     g = p.add_argument_group("improved recipe")
     g.add_argument("--multicrop", action="store_true", help="2x160 + N x 96 constrained multi-crop, m=0.995")
     g.add_argument("--num-small", type=int, default=4, help="small crops with --multicrop (default 4)")
@@ -45,7 +48,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--knn-weight", type=float, help="λ of the kNN loss (default 0.4)")
     g.add_argument("--knn-warmup-epochs", type=int, help="epochs without the kNN loss (default 5)")
     add_launch_args(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides anywhere, also after flags
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -6,8 +6,10 @@ Saves are atomic: written to a temporary file in the same folder, fsynced, then 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
 import tempfile
 from collections import OrderedDict
@@ -28,6 +30,23 @@ class CheckpointMismatchError(RuntimeError):
     """Weights do not fit the model; the message lists missing and unexpected keys."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not hold what was expected; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The file holds pickled Python objects that ``weights_only`` loading refuses (never load those)."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (e.g. a full disk); the previous checkpoint at the path is untouched."""
+
+
+def _write(state: Dict[str, Any], f: Any) -> None:
+    """Serialise ``state`` into the open file ``f`` (one place, so tests can make a write fail like a full disk)."""
+    torch.save(state, f)
+
+
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     """Atomically write ``state`` to ``path`` (a crash mid-save leaves the previous file intact)."""
     path = Path(path)
@@ -35,22 +54,47 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
+            _write(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, CheckpointSaveError):
+            reason = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (
+                err.strerror or str(err))
+            kept = f"the previous checkpoint {path} is intact" if path.is_file() else "no previous checkpoint existed"
+            raise CheckpointSaveError(err.errno, f"could not write checkpoint {path}: {reason}; {kept}") from err
         raise
     return path
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu", *,
+                    mmap: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; unreadable files raise :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        what = "a folder" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"checkpoint {path}: {what} (expected a .pth file written by torch.save)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} holds pickled Python objects besides tensors and plain containers; it is "
+                f"refused for safety (expected a checkpoint of tensors, e.g. one written by this toolkit)") from None
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({_first_line(err)}); "
+                              f"expected a .pth file written by torch.save") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file ({_first_line(err)}); "
+                              f"expected a .pth file written by torch.save") from None
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
 
 
 def last_checkpoint(run_dir: PathLike) -> Optional[Path]:
@@ -93,13 +137,25 @@ def _plain_to_numpy_state(d: Mapping[str, Any]) -> tuple:
 _PREFIXES = ("module.", "encoder_q.", "backbone.", "encoder.")
 
 
-def state_dict_from_file(source: Union[PathLike, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
-    """The model state_dict inside our checkpoints, MoCo-style checkpoints or plain state_dicts."""
-    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
+def state_dict_from_file(source: Union[PathLike, Mapping[str, Any]], *,
+                         name: Optional[PathLike] = None) -> Dict[str, torch.Tensor]:
+    """The model state_dict inside our checkpoints, MoCo-style checkpoints or plain state_dicts.
+
+    ``name``: the file ``source`` was loaded from, for error messages when ``source`` is already loaded."""
+    where = source if isinstance(source, (str, Path)) else (name or "the given state")
+    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {where} holds a {type(ckpt).__name__}; expected a dict: a state_dict "
+                              f"or a checkpoint with 'model' or 'state_dict'")
     for key in ("model", "state_dict"):
         if key in ckpt and isinstance(ckpt[key], Mapping):
-            return dict(ckpt[key])
-    return ckpt
+            ckpt = ckpt[key]
+            break
+    if not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        keys = ", ".join(list(map(str, ckpt))[:8]) or "none"
+        raise CheckpointError(f"checkpoint {where} has no model weights (top-level keys: {keys}); expected a "
+                              f"state_dict of tensors or a checkpoint with 'model' or 'state_dict'")
+    return dict(ckpt)
 
 
 def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

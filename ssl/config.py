@@ -5,6 +5,7 @@ Unknown keys and values of the wrong type raise :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,42 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: ``1e-4``, ``5E3`` and ``+1e-4`` are floats (YAML 1.1 reads them as strings)."""
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def yaml_load(text: str, *, source: str) -> Any:
+    """``yaml.safe_load`` with user-style floats; a syntax error names ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
+def check_counts(section: Any, prefix: str, *, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` naming ``<prefix><key>`` when a count or size is out of range (None = unset)."""
+    for names, low, what in ((positive, 1, "> 0"), (non_negative, 0, ">= 0")):
+        for name in names:
+            value = getattr(section, name)
+            if value is None or isinstance(value, bool):
+                continue
+            if (value < low) if isinstance(value, int) else (value < 0 or (low and value <= 0)):
+                raise ConfigError(f"{prefix}{name}={value!r}: must be {what}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -97,7 +134,7 @@ def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.3)")
         key, raw = item.split("=", 1)
-        flat[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        flat[key.strip()] = yaml_load(raw, source=f"override {item!r}") if raw != "" else ""
     return nested_updates(flat, skip_none=False)
 
 
@@ -128,7 +165,7 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml_load(path.read_text(), source=str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -146,10 +183,9 @@ def load_config(schema: Type[T], *, yaml_path: Optional[Union[str, Path]] = None
     for source, read in layers:
         try:
             cfg = merge(cfg, read())
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
-        except (TypeError, ValueError) as err:  # a section's own validation (__post_init__)
-            raise ConfigError(f"{source}: {err}") from None
+        except (TypeError, ValueError) as err:  # ConfigError, or a section's own validation (__post_init__)
+            message = str(err)
+            raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
     return cfg
 
 

@@ -78,7 +78,7 @@ def export_backbone(checkpoint_path: Union[str, Path], *, fmt: str, out: Union[s
         raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     out = Path(out)
     checkpoint = load_checkpoint(checkpoint_path)
-    state = backbone_state_dict(state_dict_from_file(checkpoint))
+    state = backbone_state_dict(state_dict_from_file(checkpoint, name=checkpoint_path))
     if not state:
         raise ValueError(f"{checkpoint_path}: no backbone weights found")
     if fmt in RESNET_ONLY_FORMATS:

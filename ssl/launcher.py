@@ -300,14 +300,25 @@ def launch(fn: TrainFn, make_cfg: MakeConfig, args: argparse.Namespace) -> Any:
     return results if args.sweep else results[0]
 
 
+def user_error_types() -> Tuple[type, ...]:
+    """Exceptions that mean bad input or a stopped run, not a bug: entry points report them in one line."""
+    from selfsup.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointSaveError
+    from selfsup.config import ConfigError
+    from selfsup.data.images import DataError
+    from selfsup.rundir import RunDirLocked
+
+    return (ConfigError, FileNotFoundError, KeyError, CheckpointError, CheckpointMismatchError, CheckpointSaveError,
+            RunDirLocked, DataError, FloatingPointError)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Entry points: bad input (config keys, missing data, unknown names) exits with one clear line, no traceback."""
-    from selfsup.config import ConfigError
-
+    """Entry points: bad input (config keys, missing or unreadable data and checkpoints, unknown names, a busy
+    run dir, a full disk, a NaN loss) exits with one clear line, no traceback."""
     try:
         yield
-    except (ConfigError, FileNotFoundError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except user_error_types() as err:
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: the worker's own message
+            message = message.splitlines()[-1].split(": ", 1)[-1]
         raise SystemExit(f"error: {message}") from None
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from selfsup.config import check_counts
+
 
 @dataclass
 class DataConfig:
@@ -21,6 +23,12 @@ class DataConfig:
     num_workers: int = 4
     max_train_images: int = 0  # 0 = all (a subset for quick runs)
     max_val_images: int = 0
+
+    def __post_init__(self) -> None:
+        check_counts(self, "data.", positive=("batch_size", "eval_batch_size"),
+                     non_negative=("num_workers", "max_train_images", "max_val_images"))
+        if self.crop_size is not None and min(self.crop_size) < 1:
+            raise ValueError(f"data.crop_size={list(self.crop_size)}: must be > 0")
 
 
 @dataclass
@@ -42,6 +50,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         depth_init_value(self.depth_init)  # fail at config time on a bad value
+        check_counts(self, "model.", positive=("output_stride", "fpn_channels", "head_channels", "task_channels"))
 
 
 def depth_init_value(depth_init: str) -> Optional[float]:
@@ -71,6 +80,9 @@ class EvalConfig:
     edge_tolerance: float = 0.0075  # × image diagonal
     single_task_results: Optional[str] = None  # JSON: single-task runs add their task, MTL runs compute Δ_MTL
 
+    def __post_init__(self) -> None:
+        check_counts(self, "eval.", positive=("edge_thresholds",), non_negative=("every", "edge_tolerance"))
+
 
 @dataclass
 class MTLConfig:
@@ -90,3 +102,7 @@ class MTLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_counts(self, "", positive=("epochs", "log_every", "checkpoint_every"),
+                     non_negative=("max_iters_per_epoch", "vis_every"))

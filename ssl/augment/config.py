@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Tuple
 
+from selfsup.config import check_counts
+
 CONSTRAINTS = ("overlap", "inside", "none")
 DECODERS = ("cpu", "gpu")
 
@@ -48,8 +50,8 @@ class AugmentConfig:
             raise ValueError(f"unknown constraint {self.constraint!r}; known: {', '.join(CONSTRAINTS)}")
         if self.decode not in DECODERS:
             raise ValueError(f"unknown decode {self.decode!r}; known: {', '.join(DECODERS)}")
-        if self.num_small < 0:
-            raise ValueError("num_small must be >= 0")
+        check_counts(self, "augment.", positive=("large_size", "small_size", "constraint_tries"),
+                     non_negative=("num_small",))
 
     @property
     def num_views(self) -> int:

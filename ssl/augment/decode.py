@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfsup.data.images import to_rgb
+
 FloatBox = Tuple[float, float, float, float]  # x1, y1, x2, y2 (pixel edges)
 
 
@@ -28,7 +30,7 @@ def decode_reduced(img: Image.Image, boxes: Sequence[Tuple[int, int, int, int]],
     shrink = min(min(h, w) / s for (_, _, h, w), s in zip(boxes, sizes))
     if shrink >= 2 and img.format == "JPEG":  # no effect on an image that is already loaded
         img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
-    img = img.convert("RGB")
+    img = to_rgb(img)  # 16-bit PNGs scaled to 8 bits, not clipped
     sx, sy = img.size[0] / width, img.size[1] / height
     return img, [(l * sx, t * sy, (l + w) * sx, (t + h) * sy) for t, l, h, w in boxes]
 

@@ -25,6 +25,10 @@ T = TypeVar("T")
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 
+class DataError(ValueError):
+    """A data file is unreadable or malformed (or none is readable); the message names the file or folder."""
+
+
 def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
     """All image files below ``folder``, sorted by relative path (deterministic order)."""
     found = []
@@ -34,10 +38,21 @@ def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> L
     return [Path(p) for p in sorted(found)]
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16/32-bit grey images (16-bit PNGs open as mode ``I;16`` or ``I``) are scaled to 0..255:
+    PIL's own conversion clips them, turning nearly every pixel white."""
+    if image.mode.startswith("I") and image.mode != "I;8" or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 [H,W]: mode L
+    return image.convert("RGB")
+
+
 def load_rgb(path: Union[str, Path]) -> Image.Image:
     """Decode fully (so truncated files fail here, not later in a transform) and convert to RGB."""
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 class SkippedFiles:
@@ -75,7 +90,9 @@ class SkippedFiles:
                 self._bad[j] = 1
                 logger.warning("skipping unreadable image %s (%s); %d skipped so far", self.files[j], error,
                                self.num_skipped)
-        raise RuntimeError(f"none of the {len(self.files)} images is readable")
+        folder = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in self.files])
+        raise DataError(f"none of the {len(self.files)} images below {folder} is readable (e.g. {self.files[0]}); "
+                        f"expected JPEG or PNG files")
 
 
 class _SkippingImageFiles(Dataset):

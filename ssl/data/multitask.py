@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import load_rgb
+from .images import DataError, load_rgb
 
 
 def read_split(path: Path) -> List[str]:
@@ -78,7 +78,7 @@ class MultiTaskDataset(Dataset):
         for task in self.tasks:
             label = self.load_label(task, sample_id)
             if label.shape[:2] != image.shape[:2]:
-                raise ValueError(f"{self.label_path(task, sample_id)}: size {label.shape[:2]} != image {image.shape[:2]}")
+                raise DataError(f"{self.label_path(task, sample_id)}: size {label.shape[:2]} != image {image.shape[:2]}")
             sample[task] = to_tensor(task, label)
         sample["meta"] = {"id": sample_id, "size": tuple(image.shape[:2])}
         return self.transform(sample) if self.transform is not None else sample

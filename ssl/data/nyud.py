@@ -15,6 +15,7 @@ import numpy as np
 
 from .catalog import DATASETS, resolve_data_root
 from .labels import IGNORE_INDEX, read_index_png
+from .images import DataError
 from .multitask import MultiTaskDataset, normalise_normals
 
 NUM_CLASSES = 40
@@ -47,10 +48,32 @@ class NYUDMT(MultiTaskDataset):
         if task == "semseg":
             raw = read_index_png(path).astype(np.int64)
             return np.where(raw == 0, IGNORE_INDEX, raw - 1)
-        array = np.load(path).astype(np.float32)
+        array = load_label_array(path, task)
         if task == "normals":
             return normalise_normals(array)
-        array = np.squeeze(array)  # some exports store [1,H,W]
         if task == "depth":
             return np.where(np.isfinite(array) & (array > 0), array, 0.0).astype(np.float32)
         return array  # edge
+
+
+def load_label_array(path: Path, task: str) -> np.ndarray:
+    """A depth / edge map ([H,W], or [1,H,W] / [H,W,1]) or normals ([H,W,3]) as float32; anything else is a
+    :class:`DataError` naming the file (a depth map of shape [H,W,3] must not be read as depth)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if array.dtype.kind not in "fiub":
+        raise DataError(f"{path}: {task} must hold numbers, got dtype {array.dtype}")
+    shape = tuple(array.shape)
+    if task == "normals":
+        ok = array.ndim == 3 and array.shape[-1] == 3
+        expected = "[H,W,3] unit vectors"
+    else:
+        array = array.reshape(array.shape[1:]) if array.ndim == 3 and array.shape[0] == 1 else array
+        array = array.reshape(array.shape[:2]) if array.ndim == 3 and array.shape[-1] == 1 else array
+        ok = array.ndim == 2
+        expected = "[H,W] (or [1,H,W])" + (" metres" if task == "depth" else " {0,1}")
+    if not ok:
+        raise DataError(f"{path}: {task} must be {expected}, got shape {shape} {array.dtype}")
+    return array.astype(np.float32)

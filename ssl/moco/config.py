@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from selfsup.augment.config import AugmentConfig
-from selfsup.config import nested_updates
+from selfsup.config import check_counts, nested_updates
 
 
 @dataclass
@@ -19,6 +19,9 @@ class ModelConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        check_counts(self, "model.", positive=("hidden_dim", "dim", "shuffle_bn_groups"))
+
 
 @dataclass
 class MocoConfig:
@@ -31,6 +34,10 @@ class MocoConfig:
     knn_warmup_epochs: int = 5
     backbone_queue_dtype: str = "float32"  # "bfloat16" halves the 2048 x K queue on GPU
 
+    def __post_init__(self) -> None:
+        check_counts(self, "moco.", positive=("queue_size", "temperature"),
+                     non_negative=("momentum", "knn_k", "knn_weight", "knn_warmup_epochs"))
+
 
 @dataclass
 class DataConfig:
@@ -41,6 +48,9 @@ class DataConfig:
     gpu_aug: Optional[bool] = None  # None: on when CUDA is available
     knn_monitor: str = "embedded"  # labelled classification set for the online kNN monitor; "none" = off
     knn_monitor_root: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_counts(self, "data.", positive=("embedded_num",), non_negative=("num_workers",))
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -59,6 +69,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optim.name={self.name!r}: expected one of {', '.join(OPTIMIZERS)}")
+        check_counts(self, "optim.", positive=("batch_size",), non_negative=("lr", "weight_decay", "warmup_epochs"))
 
 
 @dataclass
@@ -73,10 +84,23 @@ class TrainConfig:
     max_steps: int = 0  # stop (checkpointed) after this many global steps; 0 = run all epochs
     steps_per_epoch: int = 0  # cap on steps per epoch (demos); 0 = the whole dataset
 
+    def __post_init__(self) -> None:
+        check_counts(self, "train.", positive=("epochs", "checkpoint_every_steps", "log_every_steps", "knn_every_epochs"),
+                     non_negative=("max_steps", "steps_per_epoch"))
+
+
+# Keys a resumed run may change freely (logging, progress, workers, checkpoint/monitor frequency, where to stop):
+# they do not change the training trajectory or the model. Any other difference between the new config and
+# the checkpoint's is an error on resume unless allow_config_change is set (selfsup.rundir).
+HARMLESS_KEYS = ("output_dir", "allow_config_change", "data.num_workers", "data.knn_monitor", "data.knn_monitor_root",
+                 "model.channels_last", "model.compile", "train.checkpoint_every_steps", "train.log_every_steps",
+                 "train.knn_every_epochs", "train.max_steps")
+
 
 @dataclass
 class PretrainConfig:
     output_dir: str = "runs/pretrain"
+    allow_config_change: bool = False  # resume even when keys that change the run differ from the checkpoint's
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig.preset("moco"))
@@ -92,6 +116,7 @@ def flags_to_updates(args: Any) -> Dict[str, Any]:
         "optim.batch_size": args.batch_size, "optim.lr": args.lr, "output_dir": args.output_dir,
         "data.num_workers": args.workers, "train.seed": args.seed, "augment.constraint": args.crop_constraint,
         "moco.knn_k": args.knn, "moco.knn_weight": args.knn_weight, "moco.knn_warmup_epochs": args.knn_warmup_epochs,
+        "allow_config_change": getattr(args, "allow_config_change", None) or None,
     }
     if args.multicrop:
         # published recipe: 2 x 160 + 4 x 96, constrained crops, Standard-or-AutoAugment, m = 0.995

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
+from selfsup.config import ConfigError
 from selfsup.data import EMBEDDED, build_dataset, ensure_embedded_data
 from selfsup.data.catalog import EMBEDDED_SUBDIR
 from selfsup.distributed import DistEnv, barrier
@@ -44,7 +45,8 @@ def build_loader(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> Pre
     gpu_aug = device.type == "cuda" if cfg.data.gpu_aug is None else cfg.data.gpu_aug
     per_rank = cfg.optim.batch_size // env.world_size
     if len(files) < cfg.optim.batch_size:
-        raise ValueError(f"{len(files)} images in {cfg.data.name!r} but optim.batch_size={cfg.optim.batch_size}")
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(files)} images in "
+                          f"data.name={cfg.data.name!r}: one epoch would have no full batch")
     logger.info("pretraining on %d images from %s (%s augmentation, %d per process)", len(files), cfg.data.name,
                 "GPU" if gpu_aug else "CPU", per_rank)
     return build_pretrain_loader(files, cfg.augment, batch_size=per_rank, num_workers=cfg.data.num_workers,

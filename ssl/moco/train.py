@@ -12,11 +12,12 @@ from torch import nn
 from tqdm import tqdm
 
 from selfsup import checkpoint as ckpt
-from selfsup.config import save_config, to_dict
+from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
-from selfsup.moco.config import OptimConfig, PretrainConfig
+from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig
 from selfsup.moco.model import MoCo
+from selfsup.rundir import open_run_dir
 from selfsup.schedule import cosine_lr
 
 logger = logging.getLogger(__name__)
@@ -123,16 +124,19 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.output_dir)
+    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
+    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
+        if env.is_main else None
     setup_logging(run_dir, rank=env.rank)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if run is not None:
+        run.log_changes()
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     global_batch = cfg.optim.batch_size
     if global_batch % env.world_size:
-        raise ValueError(f"optim.batch_size={global_batch} must be divisible by the world size {env.world_size}")
+        raise ConfigError(f"optim.batch_size={global_batch} must be divisible by the world size {env.world_size}")
     if cfg.moco.queue_size % global_batch:
-        raise ValueError(f"moco.queue_size={cfg.moco.queue_size} must be divisible by optim.batch_size={global_batch}")
+        raise ConfigError(f"moco.queue_size={cfg.moco.queue_size} must be divisible by optim.batch_size={global_batch}")
 
     model = build_model(cfg, device)
     query_encoder: Optional[nn.Module] = None
@@ -194,6 +198,8 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
         logger.info("stopped after %d steps (train.max_steps); resume by running the same command", state.global_step)
     finally:
         writer.close()
+        if run is not None:
+            run.close()
     return {"global_step": state.global_step, "epoch": state.epoch, "knn": history,
             "skipped_images": loader.dataset.num_skipped}
 
