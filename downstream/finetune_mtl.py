@@ -29,6 +29,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--single-task-results", help="JSON of single-task metrics: single-task runs add to it, MTL runs report Δ_MTL")
     p.add_argument("--data-root", help="dataset folder in its on-disk layout, or 'embedded' (default)")
     p.add_argument("--output-dir", help="run directory (config, checkpoints, TensorBoard, results); runs resume from it")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even when the config differs from the checkpoint's in keys that change the run "
+                        "(without it such a resume is an error listing the keys; see docs/reliability.md)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -39,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def flag_updates(args: argparse.Namespace) -> Dict[str, Any]:
     return nested_updates({"model.weights": args.weights, "eval.single_task_results": args.single_task_results,
                            "data.root": args.data_root, "output_dir": args.output_dir, "epochs": args.epochs,
-                           "data.batch_size": args.batch_size, "optim.lr": args.lr})
+                           "data.batch_size": args.batch_size, "optim.lr": args.lr,
+                           "allow_config_change": args.allow_config_change or None})
 
 
 def main(argv: Optional[List[str]] = None) -> Any:

@@ -16,6 +16,7 @@ import torch
 from selfsup.backbones import build_backbone
 from selfsup.checkpoint import load_backbone_weights
 from selfsup.knn_monitor import extract_features, knn_accuracy, labelled_loaders
+from selfsup.launcher import user_errors
 from downstream.evaluation.linear_probe import train_linear_probe
 
 def evaluate(*, weights: str, arch: str, data: str = "classification", root: Optional[str] = "embedded",
@@ -43,8 +44,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--out", help="write the results JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    result = evaluate(weights=args.weights, arch=args.arch, data=args.data, root=args.root, size=args.size,
-                      epochs=args.epochs)
+    with user_errors():
+        result = evaluate(weights=args.weights, arch=args.arch, data=args.data, root=args.root, size=args.size,
+                          epochs=args.epochs)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

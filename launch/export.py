@@ -11,6 +11,7 @@ import argparse
 from typing import List, Optional
 
 from selfsup.export import FORMATS, export_backbone
+from selfsup.launcher import user_errors
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -19,7 +20,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output file")
     args = p.parse_args(argv)
-    out = export_backbone(args.checkpoint, fmt=args.format, out=args.out)
+    with user_errors():
+        out = export_backbone(args.checkpoint, fmt=args.format, out=args.out)
     print(f"wrote {args.format} backbone to {out}")
 
 

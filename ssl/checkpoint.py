@@ -65,7 +65,9 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
             reason = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (
                 err.strerror or str(err))
             kept = f"the previous checkpoint {path} is intact" if path.is_file() else "no previous checkpoint existed"
-            raise CheckpointSaveError(err.errno, f"could not write checkpoint {path}: {reason}; {kept}") from err
+            error = CheckpointSaveError(f"could not write checkpoint {path}: {reason}; {kept}")
+            error.errno = err.errno
+            raise error from err
         raise
     return path
 
@@ -80,7 +82,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):  # a pickled class or function, not garbage
             raise UnsafeCheckpointError(
                 f"checkpoint {path} holds pickled Python objects besides tensors and plain containers; it is "
                 f"refused for safety (expected a checkpoint of tensors, e.g. one written by this toolkit)") from None

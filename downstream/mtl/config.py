@@ -84,9 +84,18 @@ class EvalConfig:
         check_counts(self, "eval.", positive=("edge_thresholds",), non_negative=("every", "edge_tolerance"))
 
 
+# Keys a resumed run may change freely: logging, progress, workers, checkpoint frequency and everything that
+# only concerns evaluation. Any other difference from the checkpoint's config is an error on resume unless
+# allow_config_change is set (selfsup.rundir).
+HARMLESS_KEYS = ("output_dir", "allow_config_change", "log_every", "vis_every", "checkpoint_every", "progress",
+                 "compile", "channels_last", "data.num_workers", "data.eval_batch_size", "data.max_val_images",
+                 "data.val_split", "eval")
+
+
 @dataclass
 class MTLConfig:
     output_dir: str = "runs/mtl"
+    allow_config_change: bool = False  # resume even when keys that change the run differ from the checkpoint's
     seed: int = 0
     epochs: int = 100
     max_iters_per_epoch: int = 0  # 0 = the whole train set

@@ -1,13 +1,17 @@
 """Datasets and loaders for multi-task finetuning (readers and transforms live in ``selfsup.data``)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import math
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from selfsup.augment.loader import epoch_order
+from selfsup.augment.params import sample_rng
 from selfsup.data import build_dataset
 from selfsup.data.mt_transforms import PAD_VALUES, eval_transform, train_transform
 
@@ -66,15 +70,50 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     return train, val
 
 
+class EpochSampler(Sampler):
+    """``(epoch, index)`` keys of one epoch in an order that is a function of (seed, epoch) only, sharded over
+    ranks like DistributedSampler; nothing to save in a checkpoint, so a resumed run sees the same order."""
+
+    def __init__(self, num_items: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        order = epoch_order(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        return iter([(self.epoch, int(i)) for i in order])
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_items / self.world_size)
+
+
+class SeededSamples(Dataset):
+    """``ds[(epoch, index)]``: sample ``index`` with torch's random draws (flip, scale, crop) seeded from
+    (seed, epoch, index), in any worker process and after any resume (as the pretraining views are)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, object]:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(int(sample_rng(self.seed, epoch, index).integers(2 ** 63)))
+            return self.dataset[index]
+
+
 def build_loaders(cfg: DataConfig, *, seed: int, distributed: bool) -> Tuple[DataLoader, DataLoader]:
     train, val = build_datasets(cfg)
-    sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True) if distributed else None
-    generator = torch.Generator().manual_seed(seed)
-    drop_last = len(train) >= cfg.batch_size  # tiny subsets still give one batch
-    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    sampler = EpochSampler(len(train), seed=seed, rank=rank, world_size=world_size)
+    drop_last = len(sampler) >= cfg.batch_size  # tiny subsets still give one batch
+    train_loader = DataLoader(SeededSamples(train, seed), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.num_workers, collate_fn=collate_padded, drop_last=drop_last,
-                              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
-                              generator=generator)
+                              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)
     val_loader = DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
                             collate_fn=collate_padded)
     return train_loader, val_loader

@@ -21,9 +21,10 @@ from selfsup.checkpoint import last_checkpoint, load_backbone_weights, load_chec
 from selfsup.config import save_config, to_dict
 from selfsup.distributed import barrier, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.rundir import open_run_dir
 from selfsup.schedule import poly_lr
 
-from .config import MTLConfig, depth_init_value
+from .config import HARMLESS_KEYS, MTLConfig, depth_init_value
 from .data import build_loaders, mean_train_depth, resolve_crop_size
 from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
 from .engine import evaluate, train_one_epoch
@@ -96,7 +97,6 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     """Train and evaluate one multi-task (or single-task) model; returns the results dict."""
     env = init_distributed(device_type="cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     out = Path(cfg.output_dir)
-    setup_logging(out, rank=env.rank)
     device = torch.device(f"cuda:{env.local_rank}" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     use_amp, channels_last = cfg.amp and device.type == "cuda", cfg.channels_last and device.type == "cuda"
     torch.manual_seed(cfg.seed + env.rank)
@@ -105,8 +105,12 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     tasks = task_set(cfg)
     _check_single_task_reference(cfg, tasks)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=resolve_crop_size(cfg.data)))
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
+    run = open_run_dir(out, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
+        if env.is_main else None
+    setup_logging(out, rank=env.rank)
+    if run is not None:
+        run.log_changes()
         save_config(cfg, out / "config.yaml")
     report = model_report(cfg)
     logger.info("model: %s", format_report(report))
@@ -183,6 +187,7 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         logger.info("results: %s%s", _summary(metrics),
                     "" if results.get("delta_mtl") is None else f" | Δ_MTL {results['delta_mtl']:+.2f}%")
         writer.close()
+        run.close()
     barrier()
     return results
 

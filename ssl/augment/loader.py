@@ -30,6 +30,15 @@ def list_images(root: Union[str, os.PathLike]) -> List[str]:
     return [str(p) for p in list_image_paths(Path(root), IMAGE_EXTENSIONS)]
 
 
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """``rank``'s shard of the shuffled order of ``n`` items in ``epoch``: a function of (seed, epoch) only,
+    padded to a multiple of ``world_size`` like DistributedSampler."""
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    total = math.ceil(n / world_size) * world_size
+    order = np.concatenate([order, order[: total - n]]) if total > n else order
+    return order[rank:total:world_size]
+
+
 class PretrainViews(Dataset):
     """Files -> per-sample views (``mode="cpu"``) or decoded regions / JPEG bytes plus view parameters
     (``mode="region"`` / ``"bytes"``) for the GPU path. Items are addressed by ``(epoch, index)``.
@@ -127,11 +136,7 @@ class PretrainLoader:
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's shard of the shuffled order of ``epoch`` (padded like DistributedSampler)."""
-        n = len(self.dataset)
-        order = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-        total = math.ceil(n / self.world_size) * self.world_size
-        order = np.concatenate([order, order[: total - n]]) if total > n else order
-        return order[self.rank:total:self.world_size]
+        return epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size)
 
     def __len__(self) -> int:
         shard = math.ceil(len(self.dataset) / self.world_size)
