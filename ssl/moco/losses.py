@@ -12,8 +12,9 @@ from torch.nn import functional as F
 
 
 def queue_logits(q: torch.Tensor, key_queue: torch.Tensor) -> torch.Tensor:
-    """``l_neg = q · Q_h`` [N, K] in fp32 (call outside autocast, or it runs in bf16)."""
-    return q.float() @ key_queue.float().t()
+    """``l_neg = q · Q_h`` [N, K] in fp32, also under autocast (which would run it in bf16)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return q.float() @ key_queue.float().t()
 
 
 def instance_loss(q: torch.Tensor, k: torch.Tensor, key_queue: torch.Tensor, *, temperature: float,
