@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from selfsup.logs import ScalarWriter
+from selfsup.nan_guard import NonFiniteGuard
 
 from .data import targets_of
 from .losses import MultiTaskLoss
@@ -34,9 +35,14 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimizer: torch.optim.Optimizer, *,
                     lr_at: Callable[[int], float], step: int, epoch: int, tasks: Sequence[str], device: torch.device,
                     amp: bool = True, channels_last: bool = False, max_iters: int = 0,
-                    writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True) -> int:
-    """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it."""
+                    writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True,
+                    nan_check_every: int = 50) -> int:
+    """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it.
+
+    No step waits on the device: losses are read back at log steps only, the NaN/Inf flag every
+    ``nan_check_every`` steps and at the end of the epoch (before the caller checkpoints)."""
     model.train()
+    guard = NonFiniteGuard(nan_check_every)
     num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for i, batch in enumerate(loader):
@@ -50,17 +56,21 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
         with autocast(device, amp):
             outputs = model(images)
         total, terms = criterion(outputs, targets)  # losses in fp32
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss {float(total)} at step {step}: {({k: float(v) for k, v in terms.items()})}")
+        guard.update(total, f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         step += 1
-        loss_value = float(total.detach())
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         bar.update()
-        if writer is not None and (step % log_every == 0 or i == num_iters - 1):
-            writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()}}, step, prefix="train/")
+        if guard.due(step):
+            guard.check()
+        if step % log_every == 0 or i == num_iters - 1:
+            loss_value = float(total.detach())
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+            if writer is not None:
+                writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()}}, step,
+                               prefix="train/")
+    guard.check(model.parameters())
     bar.close()
     return step
 

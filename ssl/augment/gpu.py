@@ -2,6 +2,10 @@
 
 Workers only decode (or read JPEG bytes) and sample the per-sample parameters; every pixel operation
 runs here, batched over the whole batch with per-sample parameters. Float32 throughout.
+
+No step waits on the device: every index set and per-sample parameter is built on the host (the params
+dict is on the CPU) and copied through pinned memory with ``non_blocking``; constants (mean, std) are made
+once per device.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Dict, List, Sequence
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
+
+from selfsup.device import constant, upload
 
 from . import kernels as K
 from .config import AugmentConfig
@@ -24,15 +30,26 @@ _IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factor
 
 def pad_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """uint8 [3, h_i, w_i] -> [B, 3, H, W], padded by edge replication so that bilinear sampling at a
-    box border never mixes in padding."""
+    box border never mixes in padding.
+
+    Images of one size are padded together (a few copies per distinct size, not per image: COCO has
+    a handful of sizes per batch)."""
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
-    out = images[0].new_empty(len(images), 3, h, w)
+    by_size: Dict[tuple, List[int]] = {}
     for i, im in enumerate(images):
-        ih, iw = im.shape[1:]
-        out[i, :, :ih, :iw] = im
-        out[i, :, ih:, :iw] = im[:, -1:, :]
-        out[i, :, :, iw:] = out[i, :, :, iw - 1:iw]
+        by_size.setdefault(tuple(im.shape[1:]), []).append(i)
+    out = None if len(by_size) == 1 else images[0].new_empty(len(images), 3, h, w)
+    for (ih, iw), idx in by_size.items():
+        same = torch.stack([images[i] for i in idx])  # [n, 3, ih, iw]
+        block = same if (ih, iw) == (h, w) else same.new_empty(len(idx), 3, h, w)
+        if block is not same:
+            block[:, :, :ih, :iw] = same
+            block[:, :, ih:, :iw] = same[:, :, -1:, :]
+            block[:, :, :, iw:] = block[:, :, :, iw - 1:iw]
+        if out is None:
+            return block
+        out.index_copy_(0, upload(torch.tensor(idx), out.device), block)
     return out
 
 
@@ -43,13 +60,13 @@ def decode_on_device(items: Sequence[torch.Tensor], device: torch.device) -> Lis
     encoded = [i for i, t in enumerate(items) if t.dim() == 1]
     for i, t in enumerate(items):
         if t.dim() == 3:
-            out[i] = t.to(device, non_blocking=True)
+            out[i] = upload(t, device)
     if encoded:
         try:
             decoded = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
         except RuntimeError as err:  # e.g. CMYK or progressive files nvjpeg rejects
             log.warning("batched device JPEG decode failed (%s); decoding on the CPU", err)
-            decoded = [_decode_or_blank(items[i]).to(device) for i in encoded]
+            decoded = [upload(_decode_or_blank(items[i]), device) for i in encoded]
         for i, im in zip(encoded, decoded):
             out[i] = im
     return out
@@ -70,41 +87,60 @@ class GpuMultiViewAugment:
     so that no step waits on the device.
     """
 
-    def __init__(self, cfg: AugmentConfig) -> None:
+    def __init__(self, cfg: AugmentConfig, *, chunk: int = 32) -> None:
         self.cfg = cfg
+        self.chunk = int(chunk)  # images converted to float at a time (never the whole uint8 batch)
 
     def __call__(self, images: torch.Tensor, boxes: torch.Tensor, params: Dict[str, torch.Tensor]
                  ) -> List[torch.Tensor]:
         b, v = boxes.shape[:2]
         device = images.device
-        images = images.float()
-        mean = torch.tensor(self.cfg.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.cfg.std, device=device).view(1, 3, 1, 1)
+        mean = constant(self.cfg.mean, device).view(1, 3, 1, 1)
+        std = constant(self.cfg.std, device).view(1, 3, 1, 1)
+        groups = [g for g in (list(range(min(2, v))), list(range(2, v))) if g]
+        crops = self._crops(images, boxes.cpu(), groups)
         views: List[torch.Tensor] = []
-        groups = [list(range(min(2, v))), list(range(2, v))]
-        for group in filter(None, groups):
-            size = self.cfg.view_size(group[0])
+        for group, x in zip(groups, crops):
             # rows are view-major: row = g * B + b
             rows = {k: t[:, group].transpose(0, 1).reshape(len(group) * b, *t.shape[2:]) for k, t in params.items()}
-            box = boxes[:, group].transpose(0, 1).reshape(-1, 4).to(device, torch.float32, non_blocking=True)
-            idx = torch.arange(b, device=device, dtype=torch.float32).repeat(len(group))
-            x = roi_align(images, torch.cat([idx[:, None], box], 1), output_size=size,
-                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
             x = self.apply(x.div_(255).clamp_(0, 1), rows)
-            x = (x - mean) / std
-            views.extend(x.split(b))
+            views.extend(x.sub_(mean).div_(std).split(b))
         return views
 
+    def _crops(self, images: torch.Tensor, boxes: torch.Tensor, groups: List[List[int]]) -> List[torch.Tensor]:
+        """roi_align of each view group's boxes [len(group) * B, 3, S, S] (view-major rows), converting at
+        most ``chunk`` images of the uint8 batch to float at a time."""
+        b = boxes.shape[0]
+        sizes = [self.cfg.view_size(group[0]) for group in groups]
+        crops = [torch.empty(len(g), b, 3, s, s, device=images.device) for g, s in zip(groups, sizes)]
+        for start in range(0, b, self.chunk):
+            stop = min(b, start + self.chunk)
+            x = images[start:stop].float()
+            for group, size, out in zip(groups, sizes, crops):
+                box = boxes[start:stop, group].transpose(0, 1).reshape(-1, 4).float()
+                idx = torch.arange(stop - start, dtype=torch.float32).repeat(len(group))
+                rois = upload(torch.cat([idx[:, None], box], 1), images.device)  # [len(group) * n, 5], built here
+                out[:, start:stop] = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                                               aligned=True).view(len(group), stop - start, 3, size, size)
+        return [c.view(-1, 3, s, s) for c, s in zip(crops, sizes)]
+
     def apply(self, x: torch.Tensor, p: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Flip, then the standard colour pipeline or AutoAugment, on crops [N, 3, S, S] in [0, 1]."""
+        """Flip, then the standard colour pipeline or AutoAugment, on crops [N, 3, S, S] in [0, 1].
+
+        ``p`` holds host tensors: index sets are computed here and uploaded (pinned, non-blocking)."""
         dev = x.device
-        flip = p["flip"].to(dev, non_blocking=True).view(-1, 1, 1, 1)
+
+        def up(t: torch.Tensor) -> torch.Tensor:
+            return upload(t, dev)
+
+        flip = up(p["flip"]).view(-1, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
         # standard pipeline: jitter in the sampled order (identity factors where unused), grayscale, blur
         std_rows = torch.nonzero(~p["auto_augment"]).squeeze(1)
         if std_rows.numel():
             s = {k: t[std_rows] for k, t in p.items()}
-            y = x[std_rows.to(dev)]
+            std_dev = up(std_rows)
+            y = x[std_dev]
             ident = torch.tensor(_IDENTITY).expand_as(s["factors"])
             for k in range(4):
                 for op in range(4):
@@ -112,28 +148,29 @@ class GpuMultiViewAugment:
                     if op == 3:  # hue is the costly one: only on the rows that need it
                         rows = torch.nonzero(sel).squeeze(1)
                         if rows.numel():
-                            r = rows.to(dev)
-                            y[r] = K.hue(y[r], s["factors"][rows, 3].to(dev))
+                            r = up(rows)
+                            y[r] = K.hue(y[r], up(s["factors"][rows, 3]))
                     elif sel.any():
-                        f = torch.where(sel, s["factors"][:, op], ident[:, op]).to(dev, non_blocking=True)
+                        f = up(torch.where(sel, s["factors"][:, op], ident[:, op]))
                         y = _JITTER[op](y, f)
-            g = s["grayscale"].to(dev, non_blocking=True).view(-1, 1, 1, 1)
+            g = up(s["grayscale"]).view(-1, 1, 1, 1)
             y = torch.where(g, K.gray(y).expand_as(y), y)
             blur_rows = torch.nonzero(s["blur"]).squeeze(1)
             if blur_rows.numel():
-                r = blur_rows.to(dev)
-                y[r] = K.gaussian_blur(y[r], s["sigma"][blur_rows].to(dev), self.cfg.blur_sigma[1])
-            x[std_rows.to(dev)] = y
+                r = up(blur_rows)
+                y[r] = K.gaussian_blur(y[r], up(s["sigma"][blur_rows]), self.cfg.blur_sigma[1])
+            x[std_dev] = y
         aa_rows = torch.nonzero(p["auto_augment"]).squeeze(1)
         if aa_rows.numel():
             op_id, op_mag = p["op_id"][aa_rows], p["op_mag"][aa_rows]
-            u = (x[aa_rows.to(dev)] * 255).round_()
+            aa_dev = up(aa_rows)
+            u = (x[aa_dev] * 255).round_()
             for slot in range(op_id.shape[1]):
                 for op in torch.unique(op_id[:, slot]).tolist():
                     if op == 0:
                         continue
                     rows = torch.nonzero(op_id[:, slot] == op).squeeze(1)
-                    r = rows.to(dev)
-                    u[r] = K.auto_augment_op(u[r], OP_NAMES[op], op_mag[rows, slot].to(dev))
-            x[aa_rows.to(dev)] = u / 255
+                    r = up(rows)
+                    u[r] = K.auto_augment_op(u[r], OP_NAMES[op], up(op_mag[rows, slot]))
+            x[aa_dev] = u / 255
         return x

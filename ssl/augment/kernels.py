@@ -3,14 +3,19 @@
 Colour ops take float images in [0, 1], shape [N, 3, H, W], and factors of shape [N]. AutoAugment
 ops take float images holding integer values 0..255 (uint8 semantics, as PIL applies them).
 Only the hue shift is kornia's; everything else is a small torch kernel written here.
+Constants are made on the device once (``selfsup.device.constant``, cached kernels): no kernel copies a
+host value to the device per call.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from kornia.enhance import adjust_hue as _kornia_adjust_hue
+
+from selfsup.device import constant
 
 _GRAY = (0.299, 0.587, 0.114)
 
@@ -108,11 +113,17 @@ def brightness_aa(u, m):
     return brightness(u, 1 + m, 255.0).round_()
 
 
+@lru_cache(maxsize=32)
+def _smooth_kernel(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """PIL's SMOOTH filter [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, one per channel: [C, 1, 3, 3]."""
+    k = torch.ones(3, 3, dtype=dtype)
+    k[1, 1] = 5
+    return (k / 13).expand(channels, 1, 3, 3).contiguous().to(device)
+
+
 def sharpness(u, m):
     n, c, h, w = u.shape
-    k = torch.ones(3, 3, device=u.device, dtype=u.dtype)
-    k[1, 1] = 5
-    k = (k / 13).expand(c, 1, 3, 3)
+    k = _smooth_kernel(c, u.device, u.dtype)
     smooth = u.clone()
     smooth[:, :, 1:-1, 1:-1] = F.conv2d(u, k, groups=c).round_()  # borders keep the original pixels
     return blend(u, smooth, 1 + m, 255.0).round_()
@@ -122,7 +133,7 @@ def affine_nearest(u: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Warp with per-sample 2x3 matrices mapping output pixel centres to input pixel centres
     (pixel coordinates), nearest interpolation, fill 0."""
     n, _, h, w = u.shape
-    d = torch.tensor([w / 2, h / 2], device=u.device, dtype=u.dtype)
+    d = constant((w / 2, h / 2), u.device, u.dtype)
     a, b = matrix[:, :, :2], matrix[:, :, 2]
     theta = torch.empty(n, 2, 3, device=u.device, dtype=u.dtype)
     theta[:, :, :2] = a * d[None, None, :] / d[None, :, None]  # D^-1 A D

@@ -80,6 +80,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
     checkpoint_every_steps: int = 1000
     log_every_steps: int = 20
+    nan_check_every: int = 50  # read the NaN/Inf flag back every N steps (and before every checkpoint)
     knn_every_epochs: int = 10
     max_steps: int = 0  # stop (checkpointed) after this many global steps; 0 = run all epochs
     steps_per_epoch: int = 0  # cap on steps per epoch (demos); 0 = the whole dataset

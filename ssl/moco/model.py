@@ -10,8 +10,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from selfsup.backbones import build_backbone
+from selfsup.device import upload
 from selfsup.distributed import all_gather, get_rank, get_world_size
-from selfsup.moco.losses import instance_loss, knn_positives_loss, mine_neighbours
+from selfsup.moco.losses import instance_loss, knn_positives_loss, mine_neighbours, queue_logits
+from selfsup.moco.shuffle_bn import grouped_batch_norm
 
 
 class Encoder(nn.Module):
@@ -47,6 +49,8 @@ class MoCo(nn.Module):
     """MoCo-v2 with optional multi-crop queries and kNN positives.
 
     Buffers: ``key_queue`` [K, D] and ``backbone_queue`` [K, C] (aligned, enqueued together), ``queue_ptr``.
+    The queue pointer lives on the host (``self._ptr``, so that enqueueing never waits on the device) and is
+    mirrored into the ``queue_ptr`` buffer for checkpoints; loading a state dict reads it back.
     """
 
     def __init__(self, *, arch: str, hidden_dim: int = 2048, dim: int = 128, queue_size: int = 65536,
@@ -71,6 +75,8 @@ class MoCo(nn.Module):
         self.register_buffer("backbone_queue", backbone_queue.to(backbone_queue_dtype))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_enqueued", torch.zeros((), dtype=torch.long))
+        self._ptr = 0
+        self.register_load_state_dict_post_hook(_read_queue_ptr)
 
     # ------------------------------------------------------------------ momentum encoder
     @torch.no_grad()
@@ -87,7 +93,8 @@ class MoCo(nn.Module):
 
         Across processes: the global key batch is shuffled, each rank encodes a slice, then it is un-shuffled.
         In one process: the batch is shuffled and split into ``shuffle_bn_groups`` groups whose BN statistics
-        are computed separately (each group is one forward).
+        are computed separately, in one forward of the whole batch (:mod:`selfsup.moco.shuffle_bn`; groups of
+        unequal size, when the batch does not divide, are one forward each).
         """
         if self.sync_bn:
             g, k = self.encoder_k([x])
@@ -95,18 +102,22 @@ class MoCo(nn.Module):
         if get_world_size() > 1:
             return self._encode_keys_ddp(x, generator)
         batch = x.shape[0]
-        perm = torch.randperm(batch, device="cpu", generator=generator).to(x.device)
+        perm_host = torch.randperm(batch, device="cpu", generator=generator)
+        perm, inverse = upload(perm_host, x.device), upload(torch.argsort(perm_host), x.device)
         groups = max(1, min(self.shuffle_bn_groups, batch // 2))
-        outs = [self.encoder_k([chunk]) for chunk in x[perm].chunk(groups)]
-        g = torch.cat([o[0] for o in outs])
-        k = torch.cat([o[1] for o in outs])
-        inverse = torch.argsort(perm)
+        shuffled = x[perm]
+        if batch % groups == 0:
+            with grouped_batch_norm(self.encoder_k, groups):
+                g, k = self.encoder_k([shuffled])
+        else:
+            outs = [self.encoder_k([chunk]) for chunk in shuffled.chunk(groups)]
+            g, k = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return F.normalize(g.float(), dim=1)[inverse], F.normalize(k.float(), dim=1)[inverse]
 
     def _encode_keys_ddp(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
         rank, batch = get_rank(), x.shape[0]
         x_all = all_gather(x)
-        perm = torch.randperm(x_all.shape[0], device="cpu", generator=generator).to(x.device)
+        perm = upload(torch.randperm(x_all.shape[0], device="cpu", generator=generator), x.device)
         if dist.is_initialized():
             dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
         mine = perm[rank * batch:(rank + 1) * batch]
@@ -122,11 +133,12 @@ class MoCo(nn.Module):
         n = keys.shape[0]
         if self.queue_size % n != 0:
             raise ValueError(f"queue size {self.queue_size} must be divisible by the global batch {n}")
-        ptr = int(self.queue_ptr)
+        ptr = self._ptr
         self.key_queue[ptr:ptr + n] = keys.to(self.key_queue.dtype)
         if self.knn_k > 0 and backbone_keys is not None:
             self.backbone_queue[ptr:ptr + n] = backbone_keys.to(self.backbone_queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+        self._ptr = (ptr + n) % self.queue_size
+        self.queue_ptr.fill_(self._ptr)  # the checkpointed mirror: a device write, no read-back
         self.num_enqueued.add_(n)
 
     # ------------------------------------------------------------------ step
@@ -152,13 +164,22 @@ class MoCo(nn.Module):
             k_rows = torch.cat([k, k_swap, k.repeat(len(views) - 2, 1)])
         else:
             k_rows = k.repeat(len(queries), 1)  # every query row uses the one key of its image as positive
-        loss_inst, stats = instance_loss(q, k_rows, self.key_queue.detach().float(), temperature=self.temperature)
+        key_queue = self.key_queue.detach()
+        with torch.autocast(q.device.type, enabled=False):  # queue products in the queues' dtypes, not bf16
+            l_neg = queue_logits(q, key_queue)  # [N, K] fp32, shared by both losses
+            loss_inst, stats = instance_loss(q, k_rows, key_queue, temperature=self.temperature, l_neg=l_neg)
+            if self.knn_k > 0 and use_knn:
+                neighbours = mine_neighbours(F.normalize(g_q.detach().float(), dim=1), self.backbone_queue, self.knn_k)
+                loss_nn = knn_positives_loss(q, key_queue, neighbours, temperature=self.temperature, l_neg=l_neg)
         out = dict(stats, loss_inst=loss_inst.detach())
         loss = loss_inst
         if self.knn_k > 0 and use_knn:
-            neighbours = mine_neighbours(F.normalize(g_q.detach().float(), dim=1), self.backbone_queue, self.knn_k)
-            loss_nn = knn_positives_loss(q, self.key_queue.detach().float(), neighbours, temperature=self.temperature)
             out["loss_nn"] = loss_nn.detach()
             loss = loss + self.knn_weight * loss_nn
         out["loss"] = loss
         return out, (all_gather(k), all_gather(g_k))
+
+
+def _read_queue_ptr(module: MoCo, _incompatible) -> None:
+    """After ``load_state_dict``: the host pointer follows the loaded buffer (one read, at load time)."""
+    module._ptr = int(module.queue_ptr)

@@ -17,6 +17,7 @@ from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig
 from selfsup.moco.model import MoCo
+from selfsup.nan_guard import NonFiniteGuard
 from selfsup.rundir import open_run_dir
 from selfsup.schedule import cosine_lr
 
@@ -44,6 +45,8 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> MoCo:
                  sync_bn=cfg.model.bn == "sync" and get_world_size() > 1, head_bn=cfg.model.head_bn,
                  symmetric=cfg.moco.symmetric)
     model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed view sizes: pick the fastest convolution algorithms once
     if device.type == "cuda" and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -59,12 +62,19 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter], lr: float)
 def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer: torch.optim.Optimizer, *,
                     lr_at: Callable[[int], float], cfg: PretrainConfig, state: StepState, device: torch.device,
                     writer: ScalarWriter, on_step_end: Callable[[StepState], None], steps: int,
-                    query_encoder: Optional[nn.Module] = None) -> Dict[str, float]:
-    """One epoch of MoCo steps from ``state.step_in_epoch`` to ``steps``; returns the epoch's mean loss."""
+                    query_encoder: Optional[nn.Module] = None, guard: Optional[NonFiniteGuard] = None
+                    ) -> Dict[str, float]:
+    """One epoch of MoCo steps from ``state.step_in_epoch`` to ``steps``; returns the epoch's mean loss.
+
+    No step waits on the device: losses are read back only every ``train.log_every_steps``, the NaN/Inf
+    flag every ``train.nan_check_every`` steps (``guard``; ``on_step_end`` checks it before a checkpoint).
+    """
     model.train()
     amp = cfg.train.amp and device.type == "cuda"
     use_knn = cfg.moco.knn_k > 0 and state.epoch >= cfg.moco.knn_warmup_epochs
-    total_loss, count = 0.0, 0
+    guard = guard or NonFiniteGuard(cfg.train.nan_check_every)
+    where = _untouched(cfg)
+    total_loss, count = torch.zeros((), device=device), 0
     data_time = compute_time = 0.0
     images_seen = 0
     progress = tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
@@ -82,15 +92,12 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
                                                generator=generator, query_encoder=query_encoder)
         loss = out["loss"]
         loss_value = all_gather(loss.detach().reshape(1)).mean()
-        if not torch.isfinite(loss_value):
-            raise FloatingPointError(
-                f"non-finite loss {loss_value.item()} at epoch {state.epoch}, step {state.step_in_epoch} "
-                f"(global step {state.global_step}); the last good checkpoint in {cfg.output_dir} is untouched")
+        guard.update(loss_value, f"epoch {state.epoch}, step {state.step_in_epoch} (global step {state.global_step})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         model.enqueue(keys, backbone_keys)  # after the loss: this step's keys are not its own negatives
-        total_loss += loss_value.item()
+        total_loss += loss_value.detach()
         count += 1
         images_seen += views[0].shape[0] * get_world_size()
         end = time.perf_counter()
@@ -98,6 +105,8 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
         state.step_in_epoch += 1
         state.global_step += 1
         progress.update(1)
+        if guard.due(state.global_step):
+            guard.check(where=where)
         if state.global_step % cfg.train.log_every_steps == 0:
             elapsed = data_time + compute_time
             scalars = {k: v.item() for k, v in out.items()}
@@ -112,7 +121,7 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
         if epoch_done:
             break
     progress.close()
-    return {"loss": total_loss / max(count, 1)}
+    return {"loss": total_loss.item() / max(count, 1)}
 
 
 def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
@@ -163,7 +172,10 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     writer = ScalarWriter(run_dir, enabled=env.is_main)
     monitor = build_knn_monitor(cfg, device) if env.is_main else None
 
+    guard = NonFiniteGuard(cfg.train.nan_check_every)
+
     def save(s: StepState) -> None:
+        guard.check(model.encoder_q.parameters(), where=_untouched(cfg))
         if env.is_main:
             ckpt.save_checkpoint(_checkpoint_state(cfg, model, optimizer, s), run_dir / ckpt.LAST)
 
@@ -186,7 +198,8 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
             epoch = state.epoch
             loader.set_epoch(epoch, start_step=state.step_in_epoch)
             stats = train_one_epoch(model, loader, optimizer, lr_at=lr_at, cfg=cfg, state=state, device=device,
-                                    writer=writer, on_step_end=on_step_end, steps=steps, query_encoder=query_encoder)
+                                    writer=writer, on_step_end=on_step_end, steps=steps, query_encoder=query_encoder,
+                                    guard=guard)
             skipped = loader.dataset.num_skipped
             logger.info("epoch %d: loss %.4f%s", epoch, stats["loss"], f" ({skipped} unreadable images skipped)" if skipped else "")
             writer.scalars({"skipped_images": skipped}, state.global_step, prefix="data/")
@@ -202,6 +215,10 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
             run.close()
     return {"global_step": state.global_step, "epoch": state.epoch, "knn": history,
             "skipped_images": loader.dataset.num_skipped}
+
+
+def _untouched(cfg: PretrainConfig) -> str:
+    return f"; the last good checkpoint in {cfg.output_dir} is untouched"
 
 
 def _checkpoint_state(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, s: StepState) -> Dict[str, Any]:
