@@ -75,3 +75,16 @@ def test_pascal_labels_follow_the_published_reading(pascal_root):
             from skimage.morphology import thin
             assert np.array_equal(s["edge"][0].numpy() > 0, thin(_reference_seg2bmap(label_map)))
     assert all(seen.values()), seen  # every rule is exercised by the written files
+
+
+def test_saliency_empty_images_count_iou_one_and_miou_is_reported_both_ways():
+    from downstream.mtl.metrics import SaliencyMeter
+
+    meter = SaliencyMeter(thresholds=np.array([0.3, 0.7]))
+    meter.update(torch.tensor([0.5, 0.1]), torch.tensor([0.0, 0.0]))  # t=0.3: IoU 0; t=0.7: empty/empty -> 1
+    meter.update(torch.tensor([0.9, 0.5]), torch.tensor([1.0, 1.0]))  # t=0.3: IoU 1; t=0.7: IoU 1/2
+    out = meter.compute()
+    # mean P/R: t=0.3 (1/2, 1/2) -> F 1/2; t=0.7 (1/2, 1/4) -> F 1/3: best F at 0.3
+    assert out["threshold"] == pytest.approx(0.3) and out["maxf"] == pytest.approx(50.0)
+    assert out["miou"] == pytest.approx(50.0)  # at the best-F threshold
+    assert out["miou_max"] == pytest.approx(75.0) and out["miou_max_threshold"] == pytest.approx(0.7)
