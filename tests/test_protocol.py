@@ -88,3 +88,101 @@ def test_saliency_empty_images_count_iou_one_and_miou_is_reported_both_ways():
     assert out["threshold"] == pytest.approx(0.3) and out["maxf"] == pytest.approx(50.0)
     assert out["miou"] == pytest.approx(50.0)  # at the best-F threshold
     assert out["miou_max"] == pytest.approx(75.0) and out["miou_max_threshold"] == pytest.approx(0.7)
+
+
+def test_thinning_has_bwmorph_semantics():
+    from selfsup.data.labels import seg2bmap, thin
+
+    square = np.zeros((6, 6), bool)
+    square[2:4, 2:4] = True  # bwmorph 'thin' keeps one pixel of a 2x2 block (Zhang-Suen deletes it)
+    assert thin(square).sum() == 1
+    bar = np.zeros((8, 8), bool)
+    bar[1:7, 2:5] = True  # a 6x3 bar thins to its 4-pixel medial line, as MATLAB gives
+    assert np.array_equal(np.argwhere(thin(bar)), [[2, 3], [3, 3], [4, 3], [5, 3]])
+    diagonal = np.array([[1, 1], [1, 2]])  # at (0, 0) only the bottom-right neighbour differs
+    assert seg2bmap(diagonal).tolist() == [[True, True], [True, False]]
+
+
+def _reference_ods(probs, gts, tolerance=0.0075, thresholds=np.linspace(0.01, 0.99, 99)):
+    """BSDS/SEISM ODS written independently: skimage thinning, maximum one-to-one matching within the
+    tolerance disk by linear_sum_assignment (cost 0 inside the disk, 1 outside), counts summed over images."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+    from skimage.morphology import thin
+
+    matched, n_pred, n_gt = np.zeros(len(thresholds)), np.zeros(len(thresholds)), 0
+    for prob, gt in zip(probs, gts):
+        gt_xy = np.argwhere(gt)
+        n_gt += len(gt_xy)
+        radius = tolerance * np.hypot(*prob.shape)
+        for k, t in enumerate(thresholds):
+            pred_xy = np.argwhere(thin(prob > t))
+            n_pred[k] += len(pred_xy)
+            if len(pred_xy) and len(gt_xy):
+                cost = (cdist(pred_xy, gt_xy) > radius).astype(float)
+                rows, cols = linear_sum_assignment(cost)
+                matched[k] += int((cost[rows, cols] == 0).sum())
+    precision, recall = matched / np.maximum(n_pred, 1), matched / max(n_gt, 1)
+    return 100 * float(np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12)))
+
+
+@pytest.mark.timeout(120)
+def test_edge_ods_agrees_with_an_independent_seism_implementation(pascal_root):
+    from scipy.ndimage import gaussian_filter
+
+    from downstream.mtl.edge_metric import EdgeMeter
+
+    ds = PascalContextMT(pascal_root, split="val", tasks=["edge"])
+    rng = np.random.default_rng(0)
+    meter, probs, gts = EdgeMeter(tolerance=0.03), [], []
+    for i in range(len(ds)):
+        gt = ds[i]["edge"][0].numpy() > 0
+        shifted = np.roll(gt, int(rng.integers(-1, 2)), axis=1).astype(float)
+        # thick, blurred, noisy edge probabilities: thinning and the threshold both matter
+        prob = np.clip(gaussian_filter(shifted, 1.2) * 2.5 + 0.25 * rng.random(gt.shape), 0, 1)
+        meter.update(torch.from_numpy(prob), torch.from_numpy(gt.astype(np.float32)))
+        probs.append(prob)
+        gts.append(gt)
+    ours = meter.compute()["odsf"]
+    reference = _reference_ods(probs, gts, tolerance=0.03)
+    assert 20 < reference < 100 and abs(ours - reference) <= 0.2, (ours, reference)
+
+
+def test_edge_evaluation_ids(caplog):
+    from downstream.mtl.edge_metric import edge_eval_ids
+
+    seism = sorted((REFERENCE / "pascal_context_edge_test_ids.txt").read_text().split())
+    real_val = seism[:3] + ["2008_999999"]
+    assert edge_eval_ids("seism", dataset="pascal_context", val_ids=real_val) == frozenset(seism[:3])
+    assert edge_eval_ids("all", dataset="pascal_context", val_ids=real_val) is None
+    assert edge_eval_ids("seism", dataset="nyud", val_ids=["000001"]) is None
+    with caplog.at_level("WARNING"):  # embedded data: no SEISM id, every val image is evaluated
+        assert edge_eval_ids("seism", dataset="pascal_context", val_ids=["2008_000006"]) is None
+    assert "SEISM" in caplog.text
+    with pytest.raises(FileNotFoundError, match="edge_ids"):
+        edge_eval_ids("no_such_file.txt", dataset="pascal_context", val_ids=real_val)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch,extra", [("mti_net", {}), ("mtl_baseline", dict(neck="none", head="aspp", output_stride=8,
+                                                                               aspp_rates=(2, 4, 6)))])
+def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
+    from torch.utils.data import DataLoader
+
+    from downstream.mtl.data import collate_padded
+    from downstream.mtl.engine import evaluate
+    from downstream.mtl.models import build_model
+    from downstream.mtl.tasks import TaskSet
+    from selfsup.data.mt_transforms import eval_transform
+
+    tasks = TaskSet("pascal_context", ("semseg", "sal", "normals"))
+    ds = PascalContextMT(pascal_root, split="val", tasks=list(tasks.main), transform=eval_transform())
+    assert len({ds[i]["meta"]["size"] for i in range(len(ds))}) > 1  # mixed sizes: batches are padded
+    torch.manual_seed(0)
+    kwargs = dict(backbone="resnet_tiny", fpn_channels=16, head_channels=16, task_channels=8, **extra)
+    model = build_model(arch, tasks=tasks, **kwargs)
+    results = [evaluate(model, DataLoader(ds, batch_size=b, collate_fn=collate_padded), tasks=tasks.main,
+                        num_outputs=tasks.channels(), device=torch.device("cpu"), progress=False) for b in (1, 4)]
+    for task in tasks.main:
+        for key, value in results[0][task].items():
+            assert results[1][task][key] == pytest.approx(value, rel=1e-6, abs=1e-6), (task, key)  # float rounding only

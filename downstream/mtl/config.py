@@ -69,6 +69,9 @@ class EvalConfig:
     every: int = 0  # evaluate every N epochs (0 = only at the end)
     edge_thresholds: int = 99
     edge_tolerance: float = 0.0075  # × image diagonal
+    # images whose edges are evaluated: seism (PASCAL-Context: the SEISM test_new subset of val when the split
+    # holds those ids, else all) | all | a file with one id per line
+    edge_ids: str = "seism"
     single_task_results: Optional[str] = None  # JSON: single-task runs add their task, MTL runs compute Δ_MTL
 
 

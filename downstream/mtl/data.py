@@ -80,5 +80,12 @@ def build_loaders(cfg: DataConfig, *, seed: int, distributed: bool) -> Tuple[Dat
     return train_loader, val_loader
 
 
+def dataset_ids(dataset: Dataset) -> List[str]:
+    """Sample ids of a multi-task dataset or of a ``Subset`` of one, in order."""
+    if isinstance(dataset, Subset):
+        return [dataset_ids(dataset.dataset)[i] for i in dataset.indices]
+    return list(dataset.ids)
+
+
 def targets_of(batch: Dict[str, object], tasks: List[str], device: torch.device) -> Dict[str, torch.Tensor]:
     return {t: batch[t].to(device, non_blocking=True) for t in tasks}  # type: ignore[union-attr]

@@ -24,7 +24,8 @@ from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.schedule import poly_lr
 
 from .config import MTLConfig, depth_init_value
-from .data import build_loaders, mean_train_depth, resolve_crop_size
+from .data import build_loaders, dataset_ids, mean_train_depth, resolve_crop_size
+from .edge_metric import edge_eval_ids
 from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
 from .engine import evaluate, train_one_epoch
 from .flops import format_report, model_cost, relative_report
@@ -148,8 +149,11 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
 
     writer = ScalarWriter(out / "tb", enabled=env.is_main)
+    edge_ids = (edge_eval_ids(cfg.eval.edge_ids, dataset=tasks.dataset, val_ids=dataset_ids(val_loader.dataset))
+                if "edge" in tasks.main else None)
     common = dict(tasks=tasks.main, num_outputs=tasks.channels(), device=device, amp=use_amp, channels_last=channels_last,
-                  edge_thresholds=cfg.eval.edge_thresholds, edge_tolerance=cfg.eval.edge_tolerance, progress=cfg.progress and env.is_main)
+                  edge_thresholds=cfg.eval.edge_thresholds, edge_tolerance=cfg.eval.edge_tolerance, edge_ids=edge_ids,
+                  progress=cfg.progress and env.is_main)
     start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
