@@ -186,3 +186,40 @@ def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
     for task in tasks.main:
         for key, value in results[0][task].items():
             assert results[1][task][key] == pytest.approx(value, rel=1e-6, abs=1e-6), (task, key)  # float rounding only
+
+
+def test_rotation_turns_labels_and_normals_together():
+    from selfsup.data.mt_transforms import rotate_scale
+
+    H = W = 6
+    semseg = torch.arange(H * W).reshape(H, W) % 21
+    normals = torch.zeros(3, H, W)
+    normals[0] = 1.0  # every normal points right
+    sample = {"image": torch.rand(3, H, W), "semseg": semseg, "normals": normals}
+    out = rotate_scale(sample, 90.0, 1.0)  # counter-clockwise on screen
+    assert torch.equal(out["semseg"], torch.rot90(semseg, 1, dims=(0, 1)))
+    assert torch.allclose(out["normals"][:, 2, 3], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)  # now pointing up
+    small = rotate_scale(sample, 0.0, 0.5)  # zoom out: the border comes from outside the image -> ignore / invalid
+    assert (small["semseg"][0] == 255).all() and (small["normals"][:, 0] == 0).all()
+    assert (small["semseg"][2:4, 2:4] != 255).all()
+
+
+def test_pascal_configs_default_to_the_published_training_transforms(repo, pascal_root):
+    from downstream.mtl.config import MTLConfig
+    from downstream.mtl.data import build_datasets
+    from selfsup.config import load_config
+    from selfsup.data import mt_transforms
+
+    for path in sorted((repo / "configs" / "pascal").glob("*.yaml")):
+        cfg = load_config(MTLConfig, yaml_path=path)
+        assert (cfg.data.augment, tuple(cfg.data.crop_size)) == ("scale_rotate_resize", (512, 512)), path.name
+        assert tuple(cfg.data.scale_range) == (0.75, 1.25) and cfg.data.rotation == 20.0
+    cfg = load_config(MTLConfig, yaml_path=repo / "configs" / "pascal" / "mti_net.yaml",
+                      updates={"data": {"crop_size": [40, 40], "tasks": ["semseg"], "root": str(pascal_root)}})
+    train, _ = build_datasets(cfg.data)
+    kinds = [type(t) for t in train.transform.transforms]
+    assert kinds == [mt_transforms.RandomHorizontalFlip, mt_transforms.RandomScaleRotate, mt_transforms.Resize,
+                     mt_transforms.Normalize]
+    assert train[0]["image"].shape == (3, 40, 40)
+    crop = mt_transforms.train_transform(40, augment="scale_crop")  # the previous recipe stays available
+    assert [type(t) for t in crop.transforms][2] is mt_transforms.RandomCrop

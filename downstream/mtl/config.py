@@ -15,7 +15,12 @@ class DataConfig:
     val_split: str = "val"
     # training crop (H, W): NYUD 480x640, PASCAL 512x512; null = the size of the first training image
     crop_size: Optional[Tuple[int, int]] = None
+    # training augmentation: scale_crop (flip, a scale from `scales`, random crop to crop_size: NYUD) or
+    # scale_rotate_resize (flip, scale ~ U(scale_range), rotation ~ U(±rotation) deg, resize to crop_size: PASCAL)
+    augment: str = "scale_crop"
     scales: List[float] = field(default_factory=lambda: [1.0, 1.2, 1.5])
+    scale_range: Tuple[float, float] = (0.75, 1.25)
+    rotation: float = 20.0
     batch_size: int = 8
     eval_batch_size: int = 8
     num_workers: int = 4

@@ -57,7 +57,8 @@ def mean_train_depth(cfg: DataConfig, max_images: int = 64) -> float:
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     tasks = list(cfg.tasks) + list(cfg.auxiliary_tasks)
     train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=tasks,
-                          transform=train_transform(resolve_crop_size(cfg), cfg.scales))
+                          transform=train_transform(resolve_crop_size(cfg), cfg.scales, augment=cfg.augment,
+                                                    scale_range=cfg.scale_range, max_angle=cfg.rotation))
     val = build_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, tasks=list(cfg.tasks), transform=eval_transform())
     if cfg.max_train_images:
         train = Subset(train, range(min(cfg.max_train_images, len(train))))
