@@ -223,3 +223,45 @@ def test_pascal_configs_default_to_the_published_training_transforms(repo, pasca
     assert train[0]["image"].shape == (3, 40, 40)
     crop = mt_transforms.train_transform(40, augment="scale_crop")  # the previous recipe stays available
     assert [type(t) for t in crop.transforms][2] is mt_transforms.RandomCrop
+
+
+@pytest.mark.timeout(120)
+def test_published_model_sizes_reproduce_the_relative_costs():
+    from downstream.mtl.bench import architecture_costs
+    from downstream.mtl.flops import relative_report
+    from downstream.mtl.tasks import TaskSet
+
+    tasks = TaskSet("nyud", ("semseg", "depth"))
+    # relative params/FLOPs do not depend on the input size: 120x160 stands for 480x640 here (docs/mtl.md has both)
+    costs = architecture_costs(["mtl_baseline", "pad_net"], tasks=tasks, backbone="hrnet18", size=(120, 160),
+                               model_kwargs=dict(neck="none", widths="published"))
+    single = {k: v for k, v in costs.items() if k.startswith("single_task")}
+    assert abs(sum(c["params"] for c in single.values()) / 1e6 - 8.0) < 0.3  # paper: ST set 8.0M
+    paper = {"mtl_baseline": (-50, -45), "pad_net": (-15, 204)}
+    for arch, (params, flops) in paper.items():
+        r = relative_report(arch, costs[arch], single)
+        assert abs(r["params_rel"] - params) <= 5 and abs(r["flops_rel"] - flops) <= 5, (arch, r)
+
+
+def test_mti_net_published_widths_fpm_softmax_and_aspp():
+    from downstream.mtl.layers import ASPP
+    from downstream.mtl.models import build_model
+    from downstream.mtl.mti_net import FeaturePropagation
+    from downstream.mtl.tasks import TaskSet
+
+    tasks = TaskSet("nyud", ("semseg", "depth"))
+    model = build_model("mti_net", tasks=tasks, backbone="resnet_tiny", neck="none", widths="published")
+    enc = model.encoder.channels
+    widths = [block[-1].conv2.out_channels for block in (m["semseg"] for m in model.initial_features)]
+    assert widths == enc and [p.reduce.conv2.out_channels for p in model.propagation] == enc[1:]
+    torch.manual_seed(0)
+    fpm = FeaturePropagation(tasks=("a", "b"), channels=4, softmax="task").eval()
+    published = FeaturePropagation(tasks=("a", "b"), channels=4, softmax="published").eval()
+    published.load_state_dict(fpm.state_dict())
+    feats = {"a": torch.randn(1, 4, 5, 5), "b": torch.randn(1, 4, 5, 5)}
+    assert not torch.allclose(fpm(feats)["a"], published(feats)["a"])
+    with pytest.raises(ValueError, match="fpm_softmax"):
+        FeaturePropagation(tasks=("a", "b"), channels=4, softmax="channel")
+    aspp = ASPP(8, 8, (1, 2, 3))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in aspp.pool)
+    assert isinstance(aspp.project[-1], torch.nn.Dropout) and aspp.project[-1].p == 0.5

@@ -38,7 +38,11 @@ class ModelConfig:
     fpn_channels: int = 256
     head: str = "multiscale"  # heads of single_task / mtl_baseline: multiscale | aspp
     head_channels: int = 256
-    task_channels: int = 64  # per-task feature channels of PAD-Net / MTI-Net
+    task_channels: int = 64  # per-task feature channels of PAD-Net / MTI-Net with widths=narrow
+    # published: MTI-Net task features = the encoder's channels at each scale, PAD-Net's Bottleneck blocks at
+    # head_channels (the published code); narrow: task_channels everywhere (cheap CPU runs)
+    widths: str = "published"
+    fpm_softmax: str = "task"  # MTI-Net FPM softmax: task (the paper) | published (the code: adjacent channels)
     aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])
     num_outputs: Dict[str, int] = field(default_factory=dict)  # override output channels per task
     # bias of the depth prediction layers: "train_mean" (mean valid depth of up to 64 training images),
