@@ -6,6 +6,7 @@ Defaults: NYUD tasks (semseg + depth), ResNet-18 + FPN, 480x640, batch 8, on CUD
   python downstream/bench_mtl.py                                   # the H100 measurement
   python downstream/bench_mtl.py --arch resnet50 --aux normals edge --compile --output bench.json
   python downstream/bench_mtl.py --height 64 --width 64 --batch-size 2 --steps 2 --warmup 1 --narrow  # CPU test
+  python downstream/bench_mtl.py --arch hrnet18 --neck none --costs-only  # params/FLOPs at the published setting
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from downstream.mtl.bench import architecture_costs, format_table, run_benchmark
 from downstream.mtl.flops import cost_table
 from downstream.mtl.tasks import TaskSet
 
-TINY = dict(fpn_channels=16, head_channels=16, task_channels=8)
+TINY = dict(fpn_channels=16, head_channels=16, task_channels=8, widths="narrow")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -38,7 +39,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time bf16+channels_last with torch.compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--narrow", action="store_true", help="16-channel FPN and heads (for quick CPU tests)")
+    p.add_argument("--neck", default="fpn", choices=["fpn", "none"], help="none: the backbone's own multi-scale maps "
+                   "(the published HRNet-18 setting)")
+    p.add_argument("--widths", default="published", choices=["published", "narrow"],
+                   help="PAD-Net / MTI-Net block widths: the published code's, or model.task_channels everywhere")
+    p.add_argument("--fpm-softmax", default="task", choices=["task", "published"], help="MTI-Net FPM softmax axis")
+    p.add_argument("--narrow", action="store_true", help="16-channel FPN and heads, 8-channel task features (CPU tests)")
+    p.add_argument("--costs-only", action="store_true", help="print the params/FLOPs table and skip the timing")
     p.add_argument("--output", help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -49,10 +56,15 @@ def main(argv: Optional[List[str]] = None) -> list:
     device = torch.device(args.device)
     modes = ["fp32", "bf16_cl"] + (["bf16_cl_compile"] if args.compile else [])
     tasks = TaskSet(args.dataset, tuple(args.tasks), tuple(args.aux))
-    common = dict(tasks=tasks, backbone=args.arch, size=(args.height, args.width), model_kwargs=TINY if args.narrow else None)
+    model_kwargs = {"neck": args.neck, "widths": args.widths, "fpm_softmax": args.fpm_softmax, **(TINY if args.narrow else {})}
+    common = dict(tasks=tasks, backbone=args.arch, size=(args.height, args.width), model_kwargs=model_kwargs)
     costs = architecture_costs(args.models, **common)
     print(f"# params / FLOPs per image at {args.height}x{args.width}, relative to the single-task set")
     print(cost_table(costs, [k for k in costs if k.startswith("single_task")]))
+    if args.costs_only:
+        if args.output:
+            Path(args.output).write_text(json.dumps({"args": vars(args), "costs": costs}, indent=2))
+        return []
     results = run_benchmarks(args.models, modes, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                              device=device, **common)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -11,7 +11,7 @@ as DeepLab heads and dense evaluations (DAVIS propagation at stride 8) need.
 The state_dict keys equal torchvision's ResNet keys without ``fc.*``, so an exported
 backbone loads straight into ``torchvision.models.resnet50()``.
 
-``hrnet18`` (HRNetV2-W18, :mod:`selfsup.hrnet`) has the same interface with channels (18, 36, 72, 144),
+``hrnet18`` (HRNetV2-W18-Small-v2; ``hrnet18_full`` = HRNetV2-W18, :mod:`selfsup.hrnet`) has the same interface with channels (18, 36, 72, 144),
 ``num_features`` 270 (the 4 branches upsampled to stride 4 and concatenated, then pooled) and only
 ``output_stride=32``; ``forward_dense(x, stage)`` returns its branch ``stage - 1``.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from selfsup.hrnet import HRNetBackbone
+from selfsup.hrnet import SMALL_V2, HRNetBackbone
 from selfsup.registry import Registry
 
 BACKBONES = Registry("backbone")
@@ -148,7 +148,16 @@ def resnet_small(*, output_stride: int = 32, zero_init_residual: bool = False,
 @BACKBONES.register("hrnet18")
 def hrnet18(*, output_stride: int = 32, zero_init_residual: bool = False,
             norm_layer: Optional[Callable[..., nn.Module]] = None) -> HRNetBackbone:
-    """HRNetV2-W18 (random init; weights are never downloaded). Only ``output_stride=32``."""
+    """HRNetV2-W18-Small-v2 (~3.9M params), the multi-task HRNet-18 of the published MTI-Net code (random init;
+    weights are never downloaded). Only ``output_stride=32``."""
+    return HRNetBackbone(width=18, output_stride=output_stride, zero_init_residual=zero_init_residual,
+                         norm_layer=norm_layer, **SMALL_V2)
+
+
+@BACKBONES.register("hrnet18_full")
+def hrnet18_full(*, output_stride: int = 32, zero_init_residual: bool = False,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> HRNetBackbone:
+    """The full HRNetV2-W18 (~9.6M params; random init). Only ``output_stride=32``."""
     return HRNetBackbone(width=18, output_stride=output_stride, zero_init_residual=zero_init_residual,
                          norm_layer=norm_layer)
 

@@ -1,14 +1,15 @@
 """HRNetV2 backbone (Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition", 2019).
 
-Layout of HRNetV2-W18 (``width=18``):
+Layout of HRNetV2-W18 (``width=18``, ``hrnet18_full``; ``hrnet18`` is HRNetV2-W18-Small-v2, in brackets, the
+backbone of the published multi-task code, ~3.9M parameters):
 
 * stem: two 3x3 stride-2 conv-BN-ReLU, 64 channels (stride 4)
-* ``layer1``: 4 Bottleneck blocks (64 planes, 256 out)
-* ``transition1`` -> 2 branches (18, 36); ``stage2``: 1 module
-* ``transition2`` -> 3 branches (18, 36, 72); ``stage3``: 4 modules
-* ``transition3`` -> 4 branches (18, 36, 72, 144); ``stage4``: 3 modules
+* ``layer1``: 4 [2] Bottleneck blocks (64 planes, 256 out)
+* ``transition1`` -> 2 branches (18, 36); ``stage2``: 1 [1] module
+* ``transition2`` -> 3 branches (18, 36, 72); ``stage3``: 4 [3] modules
+* ``transition3`` -> 4 branches (18, 36, 72, 144); ``stage4``: 3 [2] modules
 
-Every module runs 4 BasicBlocks per branch, then fuses all resolutions: a coarser branch enters a finer one
+Every module runs 4 [2] BasicBlocks per branch, then fuses all resolutions: a coarser branch enters a finer one
 through a 1x1 conv-BN and nearest upsampling, a finer branch enters a coarser one through a chain of stride-2
 3x3 conv-BN(-ReLU); the sum is passed through ReLU. All four branches of the last module are outputs (HRNetV2).
 
@@ -37,6 +38,8 @@ NormLayer = Callable[[int], nn.Module]
 # (number of modules, number of branches) of stages 2, 3, 4
 _STAGES = ((1, 2), (4, 3), (3, 4))
 _BLOCKS_PER_BRANCH = 4
+# HRNetV2-W18-Small-v2 (HRNet's w18_small_v2 config): 2 Bottlenecks in stage 1, 1/3/2 modules of 2 BasicBlocks
+SMALL_V2 = dict(stage1_blocks=2, stages=((1, 2), (3, 3), (2, 4)), blocks_per_branch=2)
 
 
 def _conv_bn(cin: int, cout: int, norm: NormLayer, *, kernel: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -86,10 +89,12 @@ class HRModule(nn.Module):
 
 
 class HRNetBackbone(nn.Module):
-    """HRNetV2 with width ``width`` (18 for HRNetV2-W18), without any head."""
+    """HRNetV2 with width ``width`` (18 for HRNetV2-W18), without any head; ``stage1_blocks``, ``stages``
+    ((modules, branches) of stages 2-4) and ``blocks_per_branch`` give the depth (``SMALL_V2``: W18-Small-v2)."""
 
     def __init__(self, *, width: int = 18, output_stride: int = 32, zero_init_residual: bool = False,
-                 norm_layer: Optional[NormLayer] = None) -> None:
+                 norm_layer: Optional[NormLayer] = None, stage1_blocks: int = 4,
+                 stages: Sequence[Sequence[int]] = _STAGES, blocks_per_branch: int = _BLOCKS_PER_BRANCH) -> None:
         super().__init__()
         if output_stride != 32:
             raise ValueError(f"HRNet supports only output_stride=32 (its stride-4 branch already keeps full "
@@ -107,13 +112,14 @@ class HRNetBackbone(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         down = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), norm(256))
         self.layer1 = nn.Sequential(Bottleneck(64, 64, downsample=down, norm_layer=norm),
-                                    *[Bottleneck(256, 64, norm_layer=norm) for _ in range(3)])
+                                    *[Bottleneck(256, 64, norm_layer=norm) for _ in range(stage1_blocks - 1)])
 
         previous = [256]
-        for s, (num_modules, num_branches) in enumerate(_STAGES, start=2):
+        for s, (num_modules, num_branches) in enumerate(stages, start=2):
             channels = self.feature_channels[:num_branches]
             setattr(self, f"transition{s - 1}", self._transition(previous, channels, norm))
-            setattr(self, f"stage{s}", nn.Sequential(*[HRModule(channels, norm) for _ in range(num_modules)]))
+            setattr(self, f"stage{s}", nn.Sequential(*[HRModule(channels, norm, blocks_per_branch)
+                                                       for _ in range(num_modules)]))
             previous = channels
 
         for m in self.modules():

@@ -69,7 +69,7 @@ def test_fpn_shapes():
 HRNET_CHANNELS = [18, 36, 72, 144]
 
 
-def _hrnet18_reference_params() -> int:
+def _hrnet18_reference_params(stage1_blocks=4, modules=(1, 4, 3), blocks=4) -> int:
     """HRNetV2-W18 parameter count from the architecture description alone (no model is built)."""
     def conv(cin, cout, k):
         return cin * cout * k * k
@@ -85,7 +85,7 @@ def _hrnet18_reference_params() -> int:
         return out + (conv_bn(cin, planes * expansion, 1) if cin != planes * expansion else 0)
 
     def module(chs):
-        total = sum(4 * 2 * conv_bn(c, c, 3) for c in chs)  # 4 BasicBlocks per branch
+        total = sum(blocks * 2 * conv_bn(c, c, 3) for c in chs)  # BasicBlocks per branch
         for i, ci in enumerate(chs):
             for j, cj in enumerate(chs):
                 if j > i:
@@ -96,9 +96,9 @@ def _hrnet18_reference_params() -> int:
 
     c = HRNET_CHANNELS
     stem = conv_bn(3, 64) + conv_bn(64, 64)
-    layer1 = bottleneck(64) + 3 * bottleneck(256)
+    layer1 = bottleneck(64) + (stage1_blocks - 1) * bottleneck(256)
     transitions = conv_bn(256, c[0]) + conv_bn(256, c[1]) + conv_bn(c[1], c[2]) + conv_bn(c[2], c[3])
-    stages = module(c[:2]) + 4 * module(c[:3]) + 3 * module(c)
+    stages = modules[0] * module(c[:2]) + modules[1] * module(c[:3]) + modules[2] * module(c)
     return stem + layer1 + transitions + stages
 
 
@@ -148,12 +148,16 @@ def test_hrnet18_norm_layer_and_zero_init_residual():
 
 
 def test_hrnet18_parameter_count():
-    n = sum(p.numel() for p in build_backbone("hrnet18").parameters())
+    n = sum(p.numel() for p in build_backbone("hrnet18_full").parameters())
     reference = _hrnet18_reference_params()
-    print(f"hrnet18 parameters: {n} (reference from the architecture description: {reference})")
+    print(f"hrnet18_full parameters: {n} (reference from the architecture description: {reference})")
     assert n == reference
     # paper (Wang et al. 2019): HRNetV2-W18 segmentation 9.6M, including a ~0.08M 1x1 head on the 270 channels
     assert abs(n - 9.6e6) / 9.6e6 < 0.03
+    # hrnet18 = HRNetV2-W18-Small-v2, the published multi-task backbone (~3.9M)
+    small = sum(p.numel() for p in build_backbone("hrnet18").parameters())
+    assert small == _hrnet18_reference_params(stage1_blocks=2, modules=(1, 3, 2), blocks=2)
+    assert abs(small - 3.9e6) / 3.9e6 < 0.03, small
 
 
 def test_hrnet18_checkpoint_round_trip_and_export(tmp_path):
@@ -168,7 +172,7 @@ def test_hrnet18_checkpoint_round_trip_and_export(tmp_path):
 
     net = build_backbone("hrnet18")
     assert ckpt.load_backbone_weights(net, tmp_path / "c.pth") == {"missing": [], "unexpected": []}
-    assert torch.equal(net.stage4[2].fuse_layers[3][0][2][0].weight, src.stage4[2].fuse_layers[3][0][2][0].weight)
+    assert torch.equal(net.stage4[-1].fuse_layers[3][0][2][0].weight, src.stage4[-1].fuse_layers[3][0][2][0].weight)
 
     for fmt in ("torchvision", "detectron2"):  # formats consumed as a ResNet
         with pytest.raises(ValueError, match=f"format '{fmt}' needs a ResNet backbone.*moco"):

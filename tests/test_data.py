@@ -50,13 +50,13 @@ def test_pascal_context_sample(data_root):
         else:
             saw_person = True
             assert set(parts.unique().tolist()) <= set(range(7))
-            assert ((parts > 0) == (s["semseg"] == 15)).all()  # parts cover exactly the person pixels
+            assert not ((parts > 0) & (s["semseg"] != 15)).any()  # parts lie on person pixels (persons with parts)
         assert s["sal"].shape == (1, H, W) and set(s["sal"].unique().tolist()) <= {0.0, 1.0}
         assert s["edge"].shape == (1, H, W) and set(s["edge"].unique().tolist()) <= {0.0, 1.0}
         assert s["edge"].sum() > 0
         norm = s["normals"].norm(dim=0)
-        valid = norm > 0
-        assert valid.float().mean() > 0.99 and torch.allclose(norm[valid], torch.ones(()), atol=1e-4)
+        valid = norm > 0  # only on the NYU-compatible LabelMap classes
+        assert torch.allclose(norm[valid], torch.ones(()), atol=1e-4)
     assert saw_person and saw_no_person
 
 

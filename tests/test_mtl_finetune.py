@@ -27,6 +27,7 @@ model:
   fpn_channels: 16
   head_channels: 16
   task_channels: 8
+  widths: narrow
 """
 
 

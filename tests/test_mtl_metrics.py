@@ -161,28 +161,3 @@ def test_flop_counter_known_answer():
     report = relative_report("x", {"params": 150, "flops": 50}, {"a": {"params": 100, "flops": 50}, "b": {"params": 100, "flops": 50}})
     assert report["params_rel"] == -25.0 and report["flops_rel"] == -50.0
 
-
-def _zhang_suen_reference(mask: np.ndarray) -> np.ndarray:
-    """Textbook full-image parallel Zhang-Suen (slow), to check the border-tracking implementation."""
-    img = np.pad(mask.astype(np.uint8), 1)
-    while True:
-        changed = False
-        for step in (0, 1):
-            p = [img[:-2, 1:-1], img[:-2, 2:], img[1:-1, 2:], img[2:, 2:], img[2:, 1:-1], img[2:, :-2], img[1:-1, :-2], img[:-2, :-2]]
-            count = sum(q.astype(int) for q in p)
-            transitions = sum(((p[i] == 0) & (p[(i + 1) % 8] == 1)).astype(int) for i in range(8))
-            p2, p4, p6, p8 = p[0], p[2], p[4], p[6]
-            rule = ((p2 & p4 & p6) == 0) & ((p4 & p6 & p8) == 0) if step == 0 else ((p2 & p4 & p8) == 0) & ((p2 & p6 & p8) == 0)
-            remove = (img[1:-1, 1:-1] == 1) & (count >= 2) & (count <= 6) & (transitions == 1) & rule
-            if remove.any():
-                img[1:-1, 1:-1][remove] = 0
-                changed = True
-        if not changed:
-            return img[1:-1, 1:-1].astype(bool)
-
-
-def test_thinning_matches_reference_zhang_suen():
-    rng = np.random.default_rng(0)
-    smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 1, 6, 8))), size=(40, 56), mode="bilinear")[0, 0].numpy()
-    for mask in (smooth > 0.4, smooth > 0.6, rng.random((30, 30)) > 0.5):
-        assert np.array_equal(thin(mask), _zhang_suen_reference(mask))

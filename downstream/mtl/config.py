@@ -17,7 +17,12 @@ class DataConfig:
     val_split: str = "val"
     # training crop (H, W): NYUD 480x640, PASCAL 512x512; null = the size of the first training image
     crop_size: Optional[Tuple[int, int]] = None
+    # training augmentation: scale_crop (flip, a scale from `scales`, random crop to crop_size: NYUD) or
+    # scale_rotate_resize (flip, scale ~ U(scale_range), rotation ~ U(±rotation) deg, resize to crop_size: PASCAL)
+    augment: str = "scale_crop"
     scales: List[float] = field(default_factory=lambda: [1.0, 1.2, 1.5])
+    scale_range: Tuple[float, float] = (0.75, 1.25)
+    rotation: float = 20.0
     batch_size: int = 8
     eval_batch_size: int = 8
     num_workers: int = 4
@@ -41,7 +46,11 @@ class ModelConfig:
     fpn_channels: int = 256
     head: str = "multiscale"  # heads of single_task / mtl_baseline: multiscale | aspp
     head_channels: int = 256
-    task_channels: int = 64  # per-task feature channels of PAD-Net / MTI-Net
+    task_channels: int = 64  # per-task feature channels of PAD-Net / MTI-Net with widths=narrow
+    # published: MTI-Net task features = the encoder's channels at each scale, PAD-Net's Bottleneck blocks at
+    # head_channels (the published code); narrow: task_channels everywhere (cheap CPU runs)
+    widths: str = "published"
+    fpm_softmax: str = "task"  # MTI-Net FPM softmax: task (the paper) | published (the code: adjacent channels)
     aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])
     num_outputs: Dict[str, int] = field(default_factory=dict)  # override output channels per task
     # bias of the depth prediction layers: "train_mean" (mean valid depth of up to 64 training images),
@@ -78,6 +87,9 @@ class EvalConfig:
     every: int = 0  # evaluate every N epochs (0 = only at the end)
     edge_thresholds: int = 99
     edge_tolerance: float = 0.0075  # × image diagonal
+    # images whose edges are evaluated: seism (PASCAL-Context: the SEISM test_new subset of val when the split
+    # holds those ids, else all) | all | a file with one id per line
+    edge_ids: str = "seism"
     single_task_results: Optional[str] = None  # JSON: single-task runs add their task, MTL runs compute Δ_MTL
 
     def __post_init__(self) -> None:

@@ -61,7 +61,8 @@ def mean_train_depth(cfg: DataConfig, max_images: int = 64) -> float:
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     tasks = list(cfg.tasks) + list(cfg.auxiliary_tasks)
     train = build_dataset(cfg.dataset, root=cfg.root, split=cfg.train_split, tasks=tasks,
-                          transform=train_transform(resolve_crop_size(cfg), cfg.scales))
+                          transform=train_transform(resolve_crop_size(cfg), cfg.scales, augment=cfg.augment,
+                                                    scale_range=cfg.scale_range, max_angle=cfg.rotation))
     val = build_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, tasks=list(cfg.tasks), transform=eval_transform())
     if cfg.max_train_images:
         train = Subset(train, range(min(cfg.max_train_images, len(train))))
@@ -117,6 +118,13 @@ def build_loaders(cfg: DataConfig, *, seed: int, distributed: bool) -> Tuple[Dat
     val_loader = DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
                             collate_fn=collate_padded)
     return train_loader, val_loader
+
+
+def dataset_ids(dataset: Dataset) -> List[str]:
+    """Sample ids of a multi-task dataset or of a ``Subset`` of one, in order."""
+    if isinstance(dataset, Subset):
+        return [dataset_ids(dataset.dataset)[i] for i in dataset.indices]
+    return list(dataset.ids)
 
 
 def targets_of(batch: Dict[str, object], tasks: List[str], device: torch.device) -> Dict[str, torch.Tensor]:

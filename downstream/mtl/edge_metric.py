@@ -1,13 +1,19 @@
-"""Boundary detection ODS F-measure (BSDS protocol, in Python).
+"""Boundary detection ODS F-measure as the SEISM / BSDS code computes it, in Python.
 
-Per threshold: binarise the edge probability, thin it to one-pixel-wide curves (Zhang-Suen), then
+Per threshold: binarise the edge probability, thin it to one-pixel-wide curves with MATLAB
+``bwmorph(·, 'thin', Inf)`` semantics (``selfsup.data.labels.thin``, i.e. ``skimage.morphology.thin``), then
 match predicted and GT boundary pixels one-to-one when they lie within ``tolerance × image diagonal``
 (maximum bipartite matching). Matches and pixel counts are summed over the dataset; ODS is the best
-F-measure over the thresholds (one threshold for the whole dataset).
+F-measure over the thresholds (one threshold for the whole dataset). The GT is the dataset's edge map
+(PASCAL-Context: ``bwmorph(seg2bmap(LabelMap), 'thin')``, built by the reader).
+
+On PASCAL-Context the published figures use the SEISM ``test_new`` subset of val: see :func:`edge_eval_ids`.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import logging
+from pathlib import Path
+from typing import Dict, FrozenSet, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,68 +21,10 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
 
+from selfsup.data.labels import thin
+from selfsup.data.pascal_context import edge_test_ids
 
-def _zhang_suen_tables() -> np.ndarray:
-    """[2, 256] bool: may a foreground pixel with this 8-neighbour code be removed in sub-iteration 0 / 1?
-
-    Bit i of the code is neighbour P(i+2): P2 north, then clockwise P3 NE, P4 E, ..., P9 NW.
-    """
-    tables = np.zeros((2, 256), bool)
-    for code in range(256):
-        p = [(code >> i) & 1 for i in range(8)]
-        count = sum(p)
-        transitions = sum(p[i] == 0 and p[(i + 1) % 8] == 1 for i in range(8))
-        p2, p4, p6, p8 = p[0], p[2], p[4], p[6]
-        base = 2 <= count <= 6 and transitions == 1
-        tables[0, code] = base and p2 * p4 * p6 == 0 and p4 * p6 * p8 == 0
-        tables[1, code] = base and p2 * p4 * p8 == 0 and p2 * p6 * p8 == 0
-    return tables
-
-
-_REMOVABLE = _zhang_suen_tables()
-_BIT = (1 << np.arange(8)).astype(np.int32)
-
-
-def _thin2d(mask: np.ndarray) -> np.ndarray:
-    H, W = mask.shape
-    Wp = W + 2
-    img = np.zeros((H + 2) * Wp, np.uint8)
-    img.reshape(H + 2, Wp)[1:-1, 1:-1] = mask
-    offsets = np.array([-Wp, -Wp + 1, 1, Wp + 1, Wp, Wp - 1, -1, -Wp - 1])  # P2..P9
-
-    def codes(index: np.ndarray) -> np.ndarray:
-        return (img[index[:, None] + offsets] * _BIT).sum(1)
-
-    # pending[i] bit s: pixel i must be (re-)examined in sub-iteration s (its neighbourhood changed since)
-    pending = np.zeros_like(img)
-    foreground = np.flatnonzero(img)
-    pending[foreground[codes(foreground) != 255]] = 3  # interior pixels wait until a neighbour goes
-    while pending.any():
-        for step in (0, 1):
-            bit = np.uint8(1 << step)
-            candidates = np.flatnonzero(pending & bit)
-            if candidates.size == 0:
-                continue
-            pending[candidates] &= ~bit
-            # decisions of one sub-iteration all see the state at its start (parallel thinning)
-            remove = candidates[_REMOVABLE[step][codes(candidates)]]
-            if remove.size:
-                img[remove] = 0
-                pending[remove] = 0
-                neighbours = (remove[:, None] + offsets).ravel()
-                pending[neighbours[img[neighbours] == 1]] = 3
-    return img.reshape(H + 2, Wp)[1:-1, 1:-1].astype(bool)
-
-
-def thin(mask: np.ndarray) -> np.ndarray:
-    """Zhang-Suen thinning of boolean masks [..., H, W] to one-pixel-wide curves.
-
-    A pixel is examined again only when a neighbour was removed, so the cost follows the foreground
-    area rather than image size × iterations.
-    """
-    mask = np.asarray(mask, bool)
-    flat = mask.reshape(-1, *mask.shape[-2:])
-    return np.stack([_thin2d(m) if m.any() else m.copy() for m in flat]).reshape(mask.shape)
+logger = logging.getLogger(__name__)
 
 
 def match_boundaries(pred: np.ndarray, gt: np.ndarray, max_dist: float, *, gt_tree: Optional[cKDTree] = None) -> int:
@@ -125,3 +73,32 @@ class EdgeMeter:
         best = int(np.argmax(f))
         return {"odsf": 100.0 * float(f[best]), "precision": 100.0 * float(precision[best]),
                 "recall": 100.0 * float(recall[best]), "threshold": float(self.thresholds[best])}
+
+
+def edge_eval_ids(spec: str, *, dataset: str, val_ids: Sequence[str]) -> Optional[FrozenSet[str]]:
+    """Ids of the val images whose edges are evaluated (``eval.edge_ids``); None = every image.
+
+    ``all``: every val image. ``seism`` (default): on PASCAL-Context, the val images of the SEISM ``test_new``
+    subset (2,498 ids, the published protocol); when the split holds none of them (the embedded data, a custom
+    split) every image is evaluated, with a warning; other datasets: every image. Anything else: a text file
+    with one id per line (at least one must be in the split).
+    """
+    if spec == "all":
+        return None
+    if spec == "seism":
+        if dataset != "pascal_context":
+            return None
+        subset = edge_test_ids() & frozenset(val_ids)
+        if not subset:
+            logger.warning("eval.edge_ids=seism: no val id is in the SEISM test subset (embedded or custom data): "
+                           "edges are evaluated on all %d val images", len(val_ids))
+            return None
+        logger.info("edges evaluated on the SEISM test subset: %d of %d val images", len(subset), len(val_ids))
+        return subset
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.edge_ids={spec!r}: expected 'seism', 'all' or a file of image ids")
+    subset = frozenset(path.read_text().split()) & frozenset(val_ids)
+    if not subset:
+        raise ValueError(f"eval.edge_ids={spec}: none of its ids is in the val split")
+    return subset

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -75,25 +75,62 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
     return step
 
 
+def same_size_groups(sizes: Sequence[Tuple[int, int]]) -> List[List[int]]:
+    """Indices of a batch grouped by original image size (first-seen order)."""
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, sizes: Sequence[Tuple[int, int]], tasks: Sequence[str], *,
+            amp: bool = True) -> List[Dict[str, torch.Tensor]]:
+    """Per-image predictions at each image's original size, independent of the other images of the batch.
+
+    Images of one size go through one forward without padding; padding would enter global poolings (SE blocks,
+    ASPP image pooling) and make a prediction depend on its batch neighbours.
+    """
+    out: List[Dict[str, torch.Tensor]] = [{} for _ in sizes]
+    for group in same_size_groups(sizes):
+        H, W = sizes[group[0]]
+        with autocast(images.device, amp):
+            outputs = model(images[group, :, :H, :W])["final"]
+        for t in tasks:
+            prediction = postprocess(t, outputs[t]).cpu()
+            for j, i in enumerate(group):
+                out[i][t] = prediction[j]
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, tasks: Sequence[str], num_outputs: Mapping[str, int], device: torch.device,
              amp: bool = True, channels_last: bool = False, edge_thresholds: int = 99, edge_tolerance: float = 0.0075,
-             progress: bool = True, writer: Optional[ScalarWriter] = None, step: int = 0) -> Dict[str, Dict[str, float]]:
-    """Metrics of the main ``tasks`` at each image's original size (padding of the batch is cropped away)."""
+             edge_ids: Optional[Collection[str]] = None, progress: bool = True, writer: Optional[ScalarWriter] = None,
+             step: int = 0) -> Dict[str, Dict[str, float]]:
+    """Metrics of the main ``tasks`` at each image's original size; edges only on ``edge_ids`` (None = all)."""
     model.eval()
     meters = {t: build_meter(t, num_outputs=num_outputs[t], edge_thresholds=edge_thresholds,
                              edge_tolerance=edge_tolerance) for t in tasks}
     first = True
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
         images = to_device(batch["image"], device, channels_last)
-        with autocast(device, amp):
-            outputs = model(images)["final"]
-        predictions = {t: postprocess(t, outputs[t]).cpu() for t in tasks}
+        sizes = [tuple(meta["size"]) for meta in batch["meta"]]
+        predictions = predict(model, images, sizes, tasks, amp=amp)
         for i, meta in enumerate(batch["meta"]):
-            H, W = meta["size"]
+            H, W = sizes[i]
             for t in tasks:
-                meters[t].update(predictions[t][i, ..., :H, :W], batch[t][i, ..., :H, :W])
+                if t == "edge" and edge_ids is not None and meta["id"] not in edge_ids:
+                    continue
+                meters[t].update(predictions[i][t], batch[t][i, ..., :H, :W])
         if first and writer is not None:
-            writer.image("val/predictions", prediction_grid(batch["image"], predictions, batch, tasks), step)
+            grid = {t: _pad_stack([p[t] for p in predictions]) for t in tasks}
+            writer.image("val/predictions", prediction_grid(batch["image"], grid, batch, tasks), step)
             first = False
     return {t: meter.compute() for t, meter in meters.items()}
+
+
+def _pad_stack(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image maps of different sizes (zero padding bottom/right) for the preview grid."""
+    H, W = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+    return torch.stack([torch.nn.functional.pad(m, (0, W - m.shape[-1], 0, H - m.shape[-2])) for m in maps])

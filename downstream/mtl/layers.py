@@ -64,9 +64,11 @@ class ASPP(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList([conv_bn_relu(in_channels, out_channels, 1)] +
                                       [conv_bn_relu(in_channels, out_channels, 3, dilation=r) for r in rates])
-        # no BN in the pooling branch: it sees a 1x1 map (BN would fail at batch size 1)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
-        self.project = conv_bn_relu(out_channels * (len(rates) + 2), out_channels, 1)
+        # as published (DeepLab-v3): BN in the image-pooling branch (its 1x1 map needs a training batch > 1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                  nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        # Dropout 0.5 after the projection, as published
+        self.project = nn.Sequential(*conv_bn_relu(out_channels * (len(rates) + 2), out_channels, 1), nn.Dropout(0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [branch(x) for branch in self.branches]

@@ -3,7 +3,9 @@
 Every meter has ``update(pred, target)`` for one image and ``compute() -> dict``:
   semseg / human_parts: mIoU from dataset-level TP/FP/FN (classes absent from GT and prediction skipped);
   sal:     per-image precision/recall/IoU at thresholds linspace(0.2, 0.9, 15), averaged over images;
-           maxF = max over thresholds of 2PR/(P+R) of the mean P and R; mIoU at that threshold;
+           maxF = max over thresholds of 2PR/(P+R) of the mean P and R; mIoU at that threshold ('miou') and
+           the maximum over thresholds ('miou_max', what the published evaluation reports); an image whose GT
+           and thresholded prediction are both empty has IoU 1;
   normals: angle (degrees) between normalised prediction and GT on valid pixels: mean, median, rmse,
            % within 11.25 / 22.5 / 30;
   depth:   rmse over all valid pixels of the set, log-RMSE, abs-rel, δ < 1.25^k;
@@ -67,16 +69,18 @@ class SaliencyMeter:
         eps = 1e-8
         self.precision += tp / (tp + fp + eps)
         self.recall += tp / (tp + fn + eps)
-        self.iou += tp / (tp + fp + fn + eps)
+        union = tp + fp + fn
+        self.iou += torch.where(union > 0, tp / union.clamp(min=1), torch.ones_like(union))  # empty/empty: IoU 1
         self.count += 1
 
     def compute(self) -> Dict[str, float]:
         n = max(self.count, 1)
         p, r, iou = self.precision / n, self.recall / n, self.iou / n
         f = 2 * p * r / (p + r).clamp(min=1e-8)
-        best = int(torch.argmax(f))
+        best, best_iou = int(torch.argmax(f)), int(torch.argmax(iou))
         return {"maxf": 100.0 * float(f[best]), "miou": 100.0 * float(iou[best]),
-                "threshold": float(self.thresholds[best])}
+                "threshold": float(self.thresholds[best]), "miou_max": 100.0 * float(iou[best_iou]),
+                "miou_max_threshold": float(self.thresholds[best_iou])}
 
 
 class NormalsMeter:

@@ -14,15 +14,17 @@ from .tasks import TaskSet
 
 def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output_stride: int = 32, neck: str = "fpn",
                 fpn_channels: int = 256, head: str = "multiscale", head_channels: int = 256, task_channels: int = 64,
-                aspp_rates: Sequence[int] = (12, 24, 36)) -> nn.Module:
+                aspp_rates: Sequence[int] = (12, 24, 36), widths: str = "narrow", fpm_softmax: str = "task") -> nn.Module:
     """E.g. ``build_model("mti_net", tasks=TaskSet("nyud", ("semseg", "depth"), ("normals", "edge")))``.
 
-    The model maps images [B,3,H,W] to ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
+    ``widths`` ('narrow' | 'published') and ``fpm_softmax`` ('task' | 'published') reach the architectures that
+    have them (PAD-Net, MTI-Net; see docs/mtl.md). The model maps images [B,3,H,W] to ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
     """
     builder = ARCHITECTURES.get(arch)  # fail before building the encoder on an unknown name
     encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)
     return builder(encoder=encoder, tasks=tasks.main, auxiliary=tasks.auxiliary, channels=tasks.channels(), head=head,
-                   head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates))
+                   head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates),
+                   widths=widths, fpm_softmax=fpm_softmax)
 
 
 def init_output_bias(model: nn.Module, task: str, value: float) -> int:

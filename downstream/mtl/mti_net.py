@@ -22,14 +22,26 @@ from .layers import PredictionConv, ResidualBlock, SqueezeExcitation, conv_bn_re
 from .registry import ARCHITECTURES
 
 
-class FeaturePropagation(nn.Module):
-    """FPM: task features -> shared representation (task-softmax gated) -> per-task SE read-out + residual."""
+FPM_SOFTMAX = ("task", "published")
+WIDTHS = ("narrow", "published")
 
-    def __init__(self, *, tasks: Sequence[str], channels: int, se_reduction: int = 16) -> None:
+
+class FeaturePropagation(nn.Module):
+    """FPM: task features -> shared representation (softmax gated) -> per-task SE read-out + residual.
+
+    ``softmax="task"``: over the task axis, as the paper writes it. ``"published"``: as the published code does it,
+    the task-major concat [B, N*C, H, W] viewed as [B, C, N, H, W] and softmaxed over dim 2, i.e. over N adjacent
+    channels (which mostly belong to one task). ``hidden`` = width of the non-linear stack (default max(C, N*C/4)).
+    """
+
+    def __init__(self, *, tasks: Sequence[str], channels: int, se_reduction: int = 16, softmax: str = "task",
+                 hidden: int = 0) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
+        if softmax not in FPM_SOFTMAX:
+            raise ValueError(f"model.fpm_softmax={softmax!r}: expected one of {', '.join(FPM_SOFTMAX)}")
+        self.tasks, self.softmax = tuple(tasks), softmax
         shared = len(self.tasks) * channels
-        hidden = max(channels, shared // 4)
+        hidden = hidden or max(channels, shared // 4)
         self.non_linear = nn.Sequential(ResidualBlock(shared, hidden), ResidualBlock(hidden, hidden),
                                         nn.Conv2d(hidden, shared, 1))
         self.reduce = ResidualBlock(shared, channels)
@@ -38,30 +50,43 @@ class FeaturePropagation(nn.Module):
     def forward(self, feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         stacked = torch.stack([feats[t] for t in self.tasks], dim=1)  # [B, N, C, H, W]
         B, N, C, H, W = stacked.shape
-        logits = self.non_linear(stacked.reshape(B, N * C, H, W)).reshape(B, N, C, H, W)
-        gated = torch.softmax(logits, dim=1) * stacked  # softmax over the task axis
-        shared = self.reduce(gated.reshape(B, N * C, H, W))  # [B, C, H, W]
+        logits = self.non_linear(stacked.reshape(B, N * C, H, W))  # [B, N*C, H, W], task-major
+        if self.softmax == "task":
+            mask = torch.softmax(logits.reshape(B, N, C, H, W), dim=1)  # over the task axis
+        else:  # published code: view(B, C, N, H, W), softmax over dim 2 (N adjacent channels)
+            mask = torch.softmax(logits.reshape(B, C, N, H, W), dim=2).reshape(B, N, C, H, W)
+        shared = self.reduce((mask * stacked).reshape(B, N * C, H, W))  # [B, C, H, W]
         return {t: feats[t] + self.read_out[t](shared) for t in self.tasks}
 
 
 class MTINet(nn.Module):
+    """``widths="published"``: the task features of scale s have the encoder's channels at s (18/36/72/144 on
+    HRNet-18) and the FPM's non-linear stack is N*C/4 wide, as in the published code; ``"narrow"``:
+    ``task_channels`` at every scale (cheap CPU runs)."""
+
     def __init__(self, encoder: Encoder, *, tasks: Sequence[str], auxiliary: Sequence[str], channels: Mapping[str, int],
-                 task_channels: int = 64) -> None:
+                 task_channels: int = 64, widths: str = "narrow", fpm_softmax: str = "task") -> None:
         super().__init__()
+        if widths not in WIDTHS:
+            raise ValueError(f"model.widths={widths!r}: expected one of {', '.join(WIDTHS)}")
         self.tasks, self.auxiliary = tuple(tasks), tuple(auxiliary)
         all_tasks = (*self.tasks, *self.auxiliary)
-        C = task_channels
         in_ch = encoder.channels
+        C = list(in_ch) if widths == "published" else [task_channels] * 4  # per-scale task channels
         self.encoder = encoder
         # index s = scale (0: 1/4 ... 3: 1/32); the coarsest scale has no FPM input
         self.initial_features = nn.ModuleList(
-            nn.ModuleDict({t: residual_stack(in_ch[s] + (C if s < 3 else 0), C) for t in all_tasks}) for s in range(4))
+            nn.ModuleDict({t: residual_stack(in_ch[s] + (C[s + 1] if s < 3 else 0), C[s]) for t in all_tasks})
+            for s in range(4))
         self.initial_predictions = nn.ModuleList(
-            nn.ModuleDict({t: PredictionConv(C, channels[t]) for t in all_tasks}) for _ in range(4))
-        self.propagation = nn.ModuleList(FeaturePropagation(tasks=all_tasks, channels=C) for _ in range(1, 4))
+            nn.ModuleDict({t: PredictionConv(C[s], channels[t]) for t in all_tasks}) for s in range(4))
+        self.propagation = nn.ModuleList(
+            FeaturePropagation(tasks=all_tasks, channels=C[s], softmax=fpm_softmax,
+                               hidden=max(1, len(all_tasks) * C[s] // 4) if widths == "published" else 0)
+            for s in range(1, 4))
         self.distillation = nn.ModuleList(
-            MultiModalDistillation(targets=self.tasks, sources=all_tasks, channels=C) for _ in range(4))
-        self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(4 * C, 4 * C, 1), PredictionConv(4 * C, channels[t]))
+            MultiModalDistillation(targets=self.tasks, sources=all_tasks, channels=C[s]) for s in range(4))
+        self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(sum(C), sum(C), 1), PredictionConv(sum(C), channels[t]))
                                     for t in self.tasks})
 
     def forward(self, x: torch.Tensor) -> Dict[str, object]:
@@ -89,6 +114,7 @@ class MTINet(nn.Module):
 
 @ARCHITECTURES.register("mti_net")
 def mti_net(*, encoder: Encoder, tasks: Sequence[str], auxiliary: Sequence[str] = (), channels: Mapping[str, int],
-            task_channels: int = 64, **_: object) -> MTINet:
+            task_channels: int = 64, widths: str = "narrow", fpm_softmax: str = "task", **_: object) -> MTINet:
     """MTI-Net: initial predictions at 4 scales, FPM, per-scale distillation, aggregation."""
-    return MTINet(encoder, tasks=tasks, auxiliary=auxiliary, channels=channels, task_channels=task_channels)
+    return MTINet(encoder, tasks=tasks, auxiliary=auxiliary, channels=channels, task_channels=task_channels,
+                  widths=widths, fpm_softmax=fpm_softmax)

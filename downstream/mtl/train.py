@@ -25,7 +25,8 @@ from selfsup.rundir import open_run_dir
 from selfsup.schedule import poly_lr
 
 from .config import HARMLESS_KEYS, MTLConfig, depth_init_value
-from .data import build_loaders, mean_train_depth, resolve_crop_size
+from .data import build_loaders, dataset_ids, mean_train_depth, resolve_crop_size
+from .edge_metric import edge_eval_ids
 from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
 from .engine import evaluate, train_one_epoch
 from .flops import format_report, model_cost, relative_report
@@ -45,7 +46,8 @@ def model_from_config(cfg: MTLConfig, *, arch: str | None = None, tasks: TaskSet
     m = cfg.model
     return build_model(arch or m.arch, tasks=tasks or task_set(cfg), backbone=m.backbone, output_stride=m.output_stride,
                        neck=m.neck, fpn_channels=m.fpn_channels, head=m.head, head_channels=m.head_channels,
-                       task_channels=m.task_channels, aspp_rates=m.aspp_rates)
+                       task_channels=m.task_channels, aspp_rates=m.aspp_rates, widths=m.widths,
+                       fpm_softmax=m.fpm_softmax)
 
 
 def model_report(cfg: MTLConfig) -> Dict[str, Any]:
@@ -152,8 +154,11 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
 
     writer = ScalarWriter(out / "tb", enabled=env.is_main)
+    edge_ids = (edge_eval_ids(cfg.eval.edge_ids, dataset=tasks.dataset, val_ids=dataset_ids(val_loader.dataset))
+                if "edge" in tasks.main else None)
     common = dict(tasks=tasks.main, num_outputs=tasks.channels(), device=device, amp=use_amp, channels_last=channels_last,
-                  edge_thresholds=cfg.eval.edge_thresholds, edge_tolerance=cfg.eval.edge_tolerance, progress=cfg.progress and env.is_main)
+                  edge_thresholds=cfg.eval.edge_thresholds, edge_tolerance=cfg.eval.edge_tolerance, edge_ids=edge_ids,
+                  progress=cfg.progress and env.is_main)
     start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):

@@ -33,6 +33,32 @@ def label_boundaries(label: np.ndarray) -> np.ndarray:
     return edge
 
 
+def seg2bmap(label: np.ndarray) -> np.ndarray:
+    """Boundary map of a label map as the BSDS / SEISM ``seg2bmap`` draws it (at the map's own size): a pixel
+    is a boundary where its right, bottom or bottom-right neighbour has another label. [H,W] bool."""
+    label = np.asarray(label)
+    edge = np.zeros(label.shape, bool)
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    edge[:-1, :] |= label[:-1, :] != label[1:, :]
+    edge[:-1, :-1] |= label[:-1, :-1] != label[1:, 1:]
+    return edge
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """Thin boolean masks [..., H, W] to one-pixel-wide curves with MATLAB ``bwmorph(mask, 'thin', Inf)``
+    semantics (``skimage.morphology.thin``: the two-subiteration algorithm of Lam, Lee & Suen that MATLAB uses)."""
+    from skimage.morphology import thin as _thin
+
+    mask = np.asarray(mask, bool)
+    flat = mask.reshape(-1, *mask.shape[-2:])
+    return np.stack([_thin(m) if m.any() else m.copy() for m in flat]).reshape(mask.shape)
+
+
+def label_edges(label: np.ndarray) -> np.ndarray:
+    """Edge ground truth of the multi-task benchmarks: ``bwmorph(seg2bmap(label), 'thin')``. [H,W] bool."""
+    return thin(seg2bmap(label))
+
+
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation with a (2r+1)^2 square, by shifted ORs."""
     out = mask.copy()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +89,54 @@ class RandomScale:
         return out
 
 
+class RandomScaleRotate:
+    """Scale by ``s ~ U(scale_range)`` and rotate by ``θ ~ U(-max_angle, max_angle)`` degrees (counter-clockwise)
+    about the image centre, keeping the image size (the published PASCAL-Context ``ScaleNRotate``).
+
+    The image is sampled bilinearly, labels by nearest neighbour; pixels from outside the image get PAD_VALUES
+    (ignore / invalid). Normal vectors turn with the image (their x/y components rotate by θ); depth is divided by s.
+    """
+
+    def __init__(self, scale_range: Sequence[float] = (0.75, 1.25), max_angle: float = 20.0,
+                 generator: Optional[torch.Generator] = None) -> None:
+        self.scale_range, self.max_angle, self.generator = tuple(scale_range), float(max_angle), generator
+
+    def __call__(self, sample: Sample) -> Sample:
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * _rand(self.generator)
+        angle = self.max_angle * (2 * _rand(self.generator) - 1)
+        return rotate_scale(sample, angle, scale)
+
+
+def rotate_scale(sample: Sample, angle: float, scale: float) -> Sample:
+    """``sample`` rotated by ``angle`` degrees counter-clockwise and scaled by ``scale`` about its centre."""
+    if angle == 0 and scale == 1:
+        return sample
+    H, W = sample["image"].shape[-2:]
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    ys = torch.arange(H, dtype=torch.float64) + 0.5 - H / 2  # pixel centres, y down
+    xs = torch.arange(W, dtype=torch.float64) + 0.5 - W / 2
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    # output -> input: inverse of p_out = scale * R p_in with R the on-screen counter-clockwise rotation (y down)
+    x_in, y_in = (c * x - s * y) / scale, (s * x + c * y) / scale
+    grid = torch.stack([x_in / (W / 2), y_in / (H / 2)], -1)[None].float()  # [1,H,W,2], align_corners=False
+    inside = (x_in.abs() < W / 2) & (y_in.abs() < H / 2)
+    out = dict(sample)
+    for key, value in _spatial(sample):
+        x_map = value[None, None] if value.dim() == 2 else value[None]
+        mode = "bilinear" if key == "image" else "nearest"
+        warped = F.grid_sample(x_map.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+        warped = torch.where(inside, warped, torch.tensor(float(PAD_VALUES.get(key, 255)))).to(value.dtype)
+        out[key] = warped[0, 0] if value.dim() == 2 else warped[0]
+    if "normals" in out:  # (x right, y up) components turn counter-clockwise with the content
+        n = out["normals"].clone()
+        n[0], n[1] = c * out["normals"][0] - s * out["normals"][1], s * out["normals"][0] + c * out["normals"][1]
+        out["normals"] = n
+    if "depth" in out:
+        out["depth"] = out["depth"] / scale
+    return out
+
+
 class RandomCrop:
     """Crop to ``size`` at a random position, padding first (PAD_VALUES) where the sample is smaller."""
 
@@ -138,9 +188,20 @@ class Normalize:
         return out
 
 
-def train_transform(size: Union[int, Tuple[int, int]] = 512, scales: Sequence[float] = (1.0, 1.2, 1.5)) -> Compose:
-    """Flip -> random scale -> random crop/pad to ``size`` -> normalise."""
-    return Compose([RandomHorizontalFlip(), RandomScale(scales), RandomCrop(size), Normalize()])
+AUGMENTATIONS = ("scale_crop", "scale_rotate_resize")
+
+
+def train_transform(size: Union[int, Tuple[int, int]] = 512, scales: Sequence[float] = (1.0, 1.2, 1.5), *,
+                    augment: str = "scale_crop", scale_range: Sequence[float] = (0.75, 1.25),
+                    max_angle: float = 20.0) -> Compose:
+    """``scale_crop``: flip -> random scale from ``scales`` -> random crop/pad to ``size`` -> normalise (NYUD);
+    ``scale_rotate_resize``: flip -> scale ~ U(scale_range) and rotation ~ U(±max_angle) -> fixed resize to
+    ``size`` -> normalise (the published PASCAL-Context training transforms)."""
+    if augment == "scale_crop":
+        return Compose([RandomHorizontalFlip(), RandomScale(scales), RandomCrop(size), Normalize()])
+    if augment == "scale_rotate_resize":
+        return Compose([RandomHorizontalFlip(), RandomScaleRotate(scale_range, max_angle), Resize(size), Normalize()])
+    raise ValueError(f"data.augment={augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
 
 
 def eval_transform() -> Compose:

@@ -28,13 +28,22 @@ logger = logging.getLogger(__name__)
 FORMATS: Tuple[str, ...] = ("coco", "pascal_context", "nyud", "davis2017", "voc2012", "classification")
 _FORMAT_CODE = {name: code for code, name in enumerate(FORMATS)}
 # bump when the generated data changes: cached embedded data of older versions is not reused
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 DEFAULT_SIZE = 96
 DEFAULT_NUM = 200
 DEFAULT_SEED = 0
 VIDEO_FRAMES = 24
 # Parts of PASCAL-Part person annotations written for each of our 6 part labels.
 _PART_FILE_NAMES = {1: "head", 2: "torso", 3: "luarm", 4: "llarm", 5: "luleg", 6: "llleg"}
+# PASCAL-Context LabelMap ids (459-class labelling) of our classes and of the wall / floor background.
+# Some are among the 170 ids on which the distilled normals are valid (bicycle, bottle, car, cat, chair, dog,
+# person, plant, sofa, table, tvmonitor, wall, floor), the others are not (aeroplane, bird, boat, bus, cow,
+# horse, motorbike, sheep, train), so the normals-validity rule is exercised on the written files.
+CONTEXT_LABEL_IDS = {1: 2, 2: 23, 3: 25, 4: 31, 5: 34, 6: 45, 7: 59, 8: 65, 9: 72, 10: 98, 11: 397, 12: 113,
+                     13: 207, 14: 258, 15: 284, 16: 293, 17: 344, 18: 368, 19: 416, 20: 427,
+                     BACKGROUND_LABELS["wall"]: 440, BACKGROUND_LABELS["floor"]: 158}
+# probability that a person of a PASCAL-Context image is written without part annotations (as in PASCAL-Part)
+PERSON_WITHOUT_PARTS_PROB = 0.3
 # NYUD PNG value for our labels: 0 = unlabelled, 1 wall, 2 floor, object class c -> c + 2 (<= 22).
 NYUD_WALL, NYUD_FLOOR = 1, 2
 
@@ -61,15 +70,17 @@ def encode_normals(normals: np.ndarray) -> np.ndarray:
     return code
 
 
-def _parts_struct(scene, labels: Dict[str, np.ndarray]) -> np.ndarray:
-    """A PASCAL-Part style ``anno`` struct: anno.objects(j).{class, class_ind, mask, parts(k).{part_name, mask}}."""
+def _parts_struct(scene, labels: Dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """A PASCAL-Part style ``anno`` struct: anno.objects(j).{class, class_ind, mask, parts(k).{part_name, mask}}.
+
+    A person has no part annotations with probability ``PERSON_WITHOUT_PARTS_PROB`` (empty ``parts``)."""
     visible = [k for k in np.unique(labels["object_id"]) if k > 0]
     objects = np.zeros((1, len(visible)), dtype=[("class", object), ("class_ind", object), ("mask", object), ("parts", object)])
     for j, k in enumerate(visible):
         obj = scene.objects[k - 1]
         mask = labels["object_id"] == k
         parts = np.zeros((0, 0), dtype=[("part_name", object), ("mask", object)])
-        if obj.cls == PERSON:
+        if obj.cls == PERSON and rng.random() >= PERSON_WITHOUT_PARTS_PROB:
             present = [p for p in _PART_FILE_NAMES if np.any(mask & (labels["parts"] == p))]
             parts = np.zeros((1, len(present)), dtype=parts.dtype)
             for i, p in enumerate(present):
@@ -102,8 +113,11 @@ def _write_pascal_context(out: Path, i: int, size: int, seed: int, num: int) -> 
     Image.fromarray(labels["semseg"]).save(out / "semseg" / "pascal-context" / f"{name}.png")
     Image.fromarray(encode_normals(labels["normals"])).save(out / "normals_distill" / f"{name}.png")
     Image.fromarray(labels["saliency"] * 255).save(out / "sal_distill" / f"{name}.png")
-    scipy.io.savemat(out / "human_parts" / f"{name}.mat", {"anno": _parts_struct(scene, labels)}, do_compression=True)
-    scipy.io.savemat(out / "pascal-context" / "trainval" / f"{name}.mat", {"LabelMap": labels["context"]}, do_compression=True)
+    parts_rng = np.random.default_rng([seed, _FORMAT_CODE["pascal_context"], i, 1])
+    scipy.io.savemat(out / "human_parts" / f"{name}.mat", {"anno": _parts_struct(scene, labels, parts_rng)},
+                     do_compression=True)
+    label_map = np.vectorize(CONTEXT_LABEL_IDS.get, otypes=[np.uint16])(labels["context"])
+    scipy.io.savemat(out / "pascal-context" / "trainval" / f"{name}.mat", {"LabelMap": label_map}, do_compression=True)
 
 
 def nyud_id(i: int) -> str:
