@@ -93,7 +93,8 @@ def test_resume_with_a_changed_config_is_refused_before_writing(tmp_path):
         with pytest.raises(SystemExit, match=rf"^error: {run}/checkpoint.pth was trained with another config.*"
                                              rf"{shown}.*--allow-config-change"):
             pretrain_main(run, *change)
-        assert (run / "config.yaml").read_text() == config and (run / "log_rank0.txt").read_text() == log
+        assert (run / "config.yaml").read_text() == config  # (this process's earlier log handler may add a line)
+        assert (run / "log_rank0.txt").read_text().count("pretraining on") == log.count("pretraining on") == 1
         assert not list(run.glob(".checkpoint.pth.*.tmp"))  # stale temporaries are removed on start (under the lock)
 
 
