@@ -42,11 +42,6 @@ class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (e.g. a full disk); the previous checkpoint at the path is untouched."""
 
 
-def _write(state: Dict[str, Any], f: Any) -> None:
-    """Serialise ``state`` into the open file ``f`` (one place, so tests can make a write fail like a full disk)."""
-    torch.save(state, f)
-
-
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     """Atomically write ``state`` to ``path`` (a crash mid-save leaves the previous file intact)."""
     path = Path(path)
@@ -54,7 +49,7 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write(dict(state), f)
+            torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -267,6 +267,7 @@ def test_pretraining_on_the_embedded_object_images(embedded_root):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 166 s on an idle 2-core machine
 def test_moco_learns_on_the_object_images(tmp_path, repo):
     """End to end, no part mocked: configs/pretrain/demo_objects.yaml for 30 epochs (900 steps, ~2.5 min on two
     cores) lifts the kNN monitor clearly above its random-init value (measured: 22.9% -> 27.2%, 27.8% at best).

@@ -17,7 +17,6 @@ from conftest import PYTHON, REPO, TINY_PRETRAIN, run_env
 from selfsup import checkpoint as ckpt
 from selfsup.config import ConfigError, load_config, parse_overrides
 from selfsup.moco.config import PretrainConfig
-from selfsup.rundir import open_run_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,9 +50,11 @@ def pretrain_main(run, *args, images=None):
 
 def test_second_run_on_a_locked_dir_fails_at_once_naming_pid_and_host(tmp_path):
     """A live holder (another process) blocks a second run at once: one line with its pid and host."""
-    holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from selfsup.rundir import lock_run_dir; "
-                               "from pathlib import Path; Path(sys.argv[1]).mkdir(); lock_run_dir(Path(sys.argv[1])); "
-                               "print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=run_env())
+    from selfsup.rundir import open_run_dir
+    holder_code = ("import fcntl, os, socket, sys, time; os.mkdir(sys.argv[1]); f = open(sys.argv[1] + '/.lock', 'w'); "
+                   "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'pid {os.getpid()} on host {socket.gethostname()}'); "
+                   "f.flush(); print('locked', flush=True); time.sleep(60)")  # what a running training holds
+    holder = subprocess.Popen([PYTHON, "-c", holder_code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=run_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match=rf"error: output_dir=.* is in use by another run \(pid {holder.pid} "
@@ -66,16 +67,6 @@ def test_second_run_on_a_locked_dir_fails_at_once_naming_pid_and_host(tmp_path):
     # the holder died (kill -9): the kernel dropped its lock, and the next run takes the dir over
     with open_run_dir(tmp_path / "run", {}, harmless=()):
         assert f"pid {os.getpid()} " in (tmp_path / "run" / ".lock").read_text()
-
-
-def test_stale_checkpoint_temporaries_are_removed_on_start(tmp_path):
-    """Saves killed mid-write leave .checkpoint.pth.*.tmp; the next start removes them (under the lock)."""
-    tmp_path.joinpath(".checkpoint.pth.abc123.tmp").write_bytes(b"half a checkpoint")
-    tmp_path.joinpath(".checkpoint.pth.def456.tmp").write_bytes(b"")
-    tmp_path.joinpath("notes.tmp").write_text("not ours")
-    with open_run_dir(tmp_path, {}, harmless=()):
-        pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.tmp"]
 
 
 # ---------------------------------------------------------------- 2. resume only under the same config
@@ -93,6 +84,7 @@ def test_resume_with_a_changed_config_is_refused_before_writing(tmp_path):
     run = tmp_path / "run"
     pretrain_main(run)
     config, log = (run / "config.yaml").read_text(), (run / "log_rank0.txt").read_text()
+    (run / ".checkpoint.pth.abc123.tmp").write_bytes(b"half a checkpoint: a save killed mid-write")
     other = write_images(tmp_path / "other")
     for change, shown in [(["optim.batch_size=4"], "optim.batch_size: 8 -> 4"),
                           ([f"data.name={other}"], f"data.name: '{tmp_path}/images' -> '{other}'"),
@@ -101,7 +93,9 @@ def test_resume_with_a_changed_config_is_refused_before_writing(tmp_path):
         with pytest.raises(SystemExit, match=rf"^error: {run}/checkpoint.pth was trained with another config.*"
                                              rf"{shown}.*--allow-config-change"):
             pretrain_main(run, *change)
-        assert (run / "config.yaml").read_text() == config and (run / "log_rank0.txt").read_text() == log
+        assert (run / "config.yaml").read_text() == config  # (this process's earlier log handler may add a line)
+        assert (run / "log_rank0.txt").read_text().count("pretraining on") == log.count("pretraining on") == 1
+        assert not list(run.glob(".checkpoint.pth.*.tmp"))  # stale temporaries are removed on start (under the lock)
 
 
 def test_harmless_changes_are_accepted_and_trajectory_changes_need_the_flag(tmp_path):
@@ -109,6 +103,7 @@ def test_harmless_changes_are_accepted_and_trajectory_changes_need_the_flag(tmp_
     cfg = _tiny_checkpoint(run)
     from selfsup.config import to_dict
     from selfsup.moco.config import HARMLESS_KEYS
+    from selfsup.rundir import open_run_dir
     harmless = load_config(PretrainConfig, overrides=TINY_PRETRAIN + [
         f"output_dir={run}", "data.num_workers=3", "train.log_every_steps=7", "train.checkpoint_every_steps=5"])
     with open_run_dir(run, to_dict(harmless), harmless=HARMLESS_KEYS) as opened:
@@ -251,7 +246,7 @@ def test_full_disk_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"^error: could not write checkpoint .*checkpoint\.pth: no space left on "
                                          r"device; the previous checkpoint .* is intact"):
         pretrain_main(run, "train.epochs=2", "--allow-config-change")
@@ -303,3 +298,70 @@ def test_nyud_label_arrays_of_wrong_shape_or_dtype_name_the_file(tmp_path, task,
         load_label_array(path, task)
     np.save(path, np.ones((1, 2, 2) if task != "normals" else (2, 2, 3), np.float32))  # accepted layouts
     assert load_label_array(path, task).shape == ((2, 2) if task != "normals" else (2, 2, 3))
+
+
+# ---------------------------------------------------------------- 3. MTL resume is bit-exact
+
+MTL_TINY = ["epochs=3", "max_iters_per_epoch=2", "progress=false", "vis_every=0", "data.batch_size=2",
+            "data.eval_batch_size=2", "data.num_workers=0", "data.max_train_images=6", "data.max_val_images=2",
+            "data.crop_size=[48,48]", "model.arch=mtl_baseline", "model.backbone=resnet_tiny", "model.fpn_channels=8",
+            "model.head_channels=8", "model.depth_init=none"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_mtl_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, embedded_root, monkeypatch):
+    """finetune_mtl: a run interrupted in epoch 2 (its last checkpoint is from epoch 1) and rerun with the same
+    command ends with every tensor equal to an uninterrupted run's: data order and flip/scale/crop draws are a
+    function of (seed, epoch, index), not of a loader generator re-seeded at each start."""
+    from downstream.finetune_mtl import main
+    from downstream.mtl import train as mtl_train
+
+    def run(out):
+        return main(["--data-root", str(embedded_root / "nyud"), "--output-dir", str(out), *MTL_TINY])
+
+    full = run(tmp_path / "full")
+    real = mtl_train.train_one_epoch
+
+    def crash_in_epoch_1(*args, **kwargs):
+        if kwargs["epoch"] == 1:
+            real(*args, **{**kwargs, "max_iters": 1})  # half of epoch 1 trains, then the process "dies"
+            raise KeyboardInterrupt("killed mid-epoch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mtl_train, "train_one_epoch", crash_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    assert ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")["epoch"] == 1
+    monkeypatch.setattr(mtl_train, "train_one_epoch", real)
+    resumed = run(tmp_path / "resumed")  # the same command again: resumes at epoch 1
+    a, b = (ckpt.load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "resumed"))
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items()), i
+    assert resumed["metrics"] == full["metrics"]
+
+
+def test_mtl_epoch_order_and_draws_depend_only_on_seed_epoch_index():
+    from downstream.mtl.data import EpochSampler, SeededSamples
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return float(torch.rand(()))
+
+    sampler = EpochSampler(10, seed=3, rank=1, world_size=2)
+    sampler.set_epoch(4)
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 5 and all(e == 4 for e, _ in keys)
+    other = EpochSampler(10, seed=3, rank=0, world_size=2)
+    other.set_epoch(4)
+    assert sorted(i for _, i in keys + list(other)) == list(range(10))  # the two shards cover the epoch
+    ds = SeededSamples(Draws(), seed=3)
+    state = torch.get_rng_state()
+    assert ds[(4, 7)] == ds[(4, 7)] != ds[(5, 7)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
