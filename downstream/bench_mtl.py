@@ -54,6 +54,8 @@ def main(argv: Optional[List[str]] = None) -> list:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolution algorithms once
     modes = ["fp32", "bf16_cl"] + (["bf16_cl_compile"] if args.compile else [])
     tasks = TaskSet(args.dataset, tuple(args.tasks), tuple(args.aux))
     model_kwargs = {"neck": args.neck, "widths": args.widths, "fpm_softmax": args.fpm_softmax, **(TINY if args.narrow else {})}

@@ -11,9 +11,11 @@ plus each loader alone, peak GPU memory and the ratios b/a and b/c.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
+from multiprocessing import Pool
 from typing import Callable, Iterator, List, Optional
 
 import numpy as np
@@ -71,6 +73,7 @@ def moco_step_fn(arch: str, recipe: str, batch_size: int, device: torch.device) 
     queue = 65536 if 65536 % batch_size == 0 else batch_size * 16
     model = MoCo(arch=arch, queue_size=queue, knn_k=20 if recipe == "ours" else 0).to(device)
     if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as launch/pretrain.py
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     momentum = 0.999 if recipe == "moco" else 0.995
@@ -103,12 +106,24 @@ def measure_end_to_end(loader: PretrainLoader, step_fn: StepFn, steps: int, warm
     return images / (time.perf_counter() - start)
 
 
-def make_jpeg_folder(root: str, count: int, size=(640, 480), seed: int = 0) -> str:
-    """Random-texture JPEGs of COCO-like size."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        base = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-        Image.fromarray(base).resize(size, Image.BICUBIC).save(os.path.join(root, f"{i:06d}.jpg"), quality=90)
+def _write_jpeg(job) -> None:
+    root, i, size, seed = job
+    rng = np.random.default_rng([seed, i])
+    w, h = size if i % 4 else size[::-1]  # a quarter portrait, as in COCO: batches mix two image sizes
+    base = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+    Image.fromarray(base).resize((w, h), Image.BICUBIC).save(os.path.join(root, f"{i:06d}.jpg"), quality=90)
+
+
+def make_jpeg_folder(root: str, count: int, size=(640, 480), seed: int = 0, processes: int = 1) -> str:
+    """Random-texture JPEGs of COCO-like size (``size`` = (width, height)), written by ``processes`` processes."""
+    os.makedirs(root, exist_ok=True)
+    jobs = [(root, i, tuple(size), seed) for i in range(count)]
+    if processes > 1:
+        with Pool(processes) as pool:
+            pool.map(_write_jpeg, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _write_jpeg(job)
     return root
 
 
@@ -143,15 +158,30 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--data", default=None, help="image folder; default: generated 640x480 JPEGs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=0,
+                        help="generated JPEGs when --data is not given (default: batch size x (steps + 3))")
+    parser.add_argument("--jpeg-size", default="640x480", help="WIDTHxHEIGHT of the generated JPEGs (COCO-like)")
+    parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument("--generate", metavar="DIR", help="only write the generated JPEGs into DIR, then exit")
     args = parser.parse_args()
+    size = tuple(int(v) for v in args.jpeg_size.lower().split("x"))
+    count = args.images or args.batch_size * (args.steps + 3)
+    if args.generate:
+        make_jpeg_folder(args.generate, count=count, size=size, processes=max(1, args.workers))
+        print(f"wrote {count} JPEGs of {args.jpeg_size} to {args.generate}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
-            args.data = make_jpeg_folder(tmp, count=args.batch_size * (args.steps + 3))
+            args.data = make_jpeg_folder(tmp, count=count, size=size, processes=max(1, args.workers))
         results = run(args)
-    print(f"{args.arch} recipe={args.recipe} batch={args.batch_size} device={args.device}")
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"{args.arch} recipe={args.recipe} batch={args.batch_size} device={device}")
     for name, value in results.items():
         unit = "GiB" if name.endswith("gib") else ("x" if name.startswith("ratio") else "img/s")
         print(f"  {name:22s} {value:10.1f} {unit}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"args": vars(args), "device": device, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
