@@ -15,7 +15,7 @@ from selfsup import checkpoint as ckpt
 from selfsup.config import save_config, to_dict
 from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
-from selfsup.moco.config import OptimConfig, PretrainConfig
+from selfsup.moco.config import OptimConfig, PretrainConfig, knn_warmup_epochs
 from selfsup.moco.model import MoCo
 from selfsup.schedule import cosine_lr
 
@@ -62,7 +62,7 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
     """One epoch of MoCo steps from ``state.step_in_epoch`` to ``steps``; returns the epoch's mean loss."""
     model.train()
     amp = cfg.train.amp and device.type == "cuda"
-    use_knn = cfg.moco.knn_k > 0 and state.epoch >= cfg.moco.knn_warmup_epochs
+    use_knn = cfg.moco.knn_k > 0 and state.epoch >= knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs)
     total_loss, count = 0.0, 0
     data_time = compute_time = 0.0
     images_seen = 0
