@@ -46,7 +46,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="Standard-or-AutoAugment on query and small crops (default on with --multicrop)")
     g.add_argument("--knn", type=int, nargs="?", const=20, help="kNN positives with top-K neighbours (default K=20)")
     g.add_argument("--knn-weight", type=float, help="λ of the kNN loss (default 0.4)")
-    g.add_argument("--knn-warmup-epochs", type=int, help="epochs without the kNN loss (default 5)")
+    g.add_argument("--knn-warmup-epochs", type=int, help="epochs without the kNN loss (default: 5 for runs up to 200 epochs, 20 for longer)")
     add_launch_args(p)
     return p.parse_intermixed_args(argv)  # key=value overrides anywhere, also after flags
 

@@ -265,3 +265,13 @@ def test_mti_net_published_widths_fpm_softmax_and_aspp():
     aspp = ASPP(8, 8, (1, 2, 3))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in aspp.pool)
     assert isinstance(aspp.project[-1], torch.nn.Dropout) and aspp.project[-1].p == 0.5
+
+
+def test_knn_warmup_defaults_follow_the_run_length():
+    from selfsup.config import load_config
+    from selfsup.moco.config import PretrainConfig, knn_warmup_epochs
+
+    for epochs, expected in ((100, 5), (200, 5), (201, 20), (800, 20)):
+        cfg = load_config(PretrainConfig, updates={"train": {"epochs": epochs}})
+        assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == expected
+    assert knn_warmup_epochs(3, 800) == 3  # an explicit value wins

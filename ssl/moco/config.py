@@ -31,7 +31,7 @@ class MocoConfig:
     knn_k: int = 0  # 0 = kNN positives off; the improved recipe uses 20
     symmetric: bool = False  # also use the key crop as a query (MoCo-v3's symmetrised loss); 2x key-encoder cost
     knn_weight: float = 0.4
-    knn_warmup_epochs: int = 5
+    knn_warmup_epochs: int = -1  # -1 = SPEC default: 5 for runs up to 200 epochs, 20 for longer ones
     backbone_queue_dtype: str = "float32"  # "bfloat16" halves the 2048 x K queue on GPU
 
     def __post_init__(self) -> None:
@@ -126,3 +126,11 @@ def flags_to_updates(args: Any) -> Dict[str, Any]:
     if args.auto_augment is not None:
         flat["augment.auto_augment"] = args.auto_augment
     return nested_updates(flat)
+
+
+def knn_warmup_epochs(knn_warmup: int, epochs: int) -> int:
+    """Epochs without the kNN loss: ``knn_warmup`` if set (>= 0), else 5 for runs up to 200 epochs and 20 beyond
+    (the published 200/800-epoch recipes), whichever way ``train.epochs`` was given (YAML, flag or key=value)."""
+    if knn_warmup >= 0:
+        return knn_warmup
+    return 5 if epochs <= 200 else 20

@@ -15,7 +15,7 @@ from selfsup import checkpoint as ckpt
 from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
-from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig
+from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig, knn_warmup_epochs
 from selfsup.moco.model import MoCo
 from selfsup.nan_guard import NonFiniteGuard
 from selfsup.rundir import open_run_dir
@@ -71,7 +71,7 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
     """
     model.train()
     amp = cfg.train.amp and device.type == "cuda"
-    use_knn = cfg.moco.knn_k > 0 and state.epoch >= cfg.moco.knn_warmup_epochs
+    use_knn = cfg.moco.knn_k > 0 and state.epoch >= knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs)
     guard = guard or NonFiniteGuard(cfg.train.nan_check_every)
     where = _untouched(cfg)
     total_loss, count = torch.zeros((), device=device), 0
