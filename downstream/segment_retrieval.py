@@ -43,7 +43,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     out = Path(args.output_dir or f"runs/retrieval_{args.arch}")
     out.mkdir(parents=True, exist_ok=True)
     result = run_retrieval(dense_extractor(args.arch, args.weights), train_set, val_set, k=args.clusters,
-                           seed=args.seed, max_images=args.max_images, fit_stride=args.fit_stride, figure=str(out / "retrieval.png"))
+                           seed=args.seed, max_images=args.max_images, fit_stride=args.fit_stride,
+                           figure=str(out / "retrieval.png"))
     print(f"retrieval over {result['images']} images at {result['images_per_s']:.1f} images/s")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "iou_per_class"}, indent=2))
