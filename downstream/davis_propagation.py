@@ -34,8 +34,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--eval-only", metavar="RESULTS_DIR",
                    help="only evaluate the DAVIS-layout predictions in RESULTS_DIR (writes the CSVs there)")
     add_common_args(p, data_help="DAVIS-2017 root holding JPEGImages/480p, Annotations/480p, ImageSets/2017",
-                    output_help="predictions, pictures and results (default: runs/davis_<arch>)")
-    p.set_defaults(weights=None)  # --weights is not needed with --eval-only
+                    output_help="predictions, pictures and results (default: runs/davis_<arch>)", weights_required=False)
     p.add_argument("--split", default="val", help="ImageSets/2017/<split>.txt (default val)")
     p.add_argument("--context", type=int, default=defaults.context, help="previous predicted frames as context")
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="softmax temperature tau")

@@ -15,8 +15,7 @@ monitors of a pretraining run:
 from __future__ import annotations
 
 import argparse
-import math
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -116,11 +115,6 @@ def in_chunks(frames: torch.Tensor, model: nn.Module, chunk: int) -> torch.Tenso
     return torch.cat([model(frames[i:i + chunk]) for i in range(0, frames.shape[0], chunk)])
 
 
-def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 def upsample_cells(x: torch.Tensor, size: Sequence[int], stride: int = DENSE_STRIDE) -> torch.Tensor:
     """[B, C, h, w] per-cell values -> [B, C, H, W]: bilinear x ``stride`` (cells of ``DenseFeatures``), cropped."""
     up = F.interpolate(x, scale_factor=stride, mode="bilinear", align_corners=False)
@@ -140,9 +134,11 @@ def cell_fractions(labels: torch.Tensor, num_classes: int, stride: int = DENSE_S
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, data_help: str, output_help: Optional[str] = None,
-                    default_arch: str = "resnet50") -> argparse.ArgumentParser:
-    """The flags every evaluation entry point shares: --weights, --arch, --data-root, --output-dir."""
-    parser.add_argument("--weights", required=True,
+                    default_arch: str = "resnet50", weights_required: bool = True) -> argparse.ArgumentParser:
+    """The flags every evaluation entry point shares: --weights, --arch, --data-root, --output-dir.
+
+    ``weights_required=False`` for entry points that can run without a backbone (they check it themselves)."""
+    parser.add_argument("--weights", required=weights_required, default=None,
                         help="backbone weights: our checkpoint.pth, an exported torchvision/detectron2 file, an "
                              "official MoCo checkpoint, or 'none' (random initialisation)")
     parser.add_argument("--arch", default=default_arch,
@@ -152,11 +148,3 @@ def add_common_args(parser: argparse.ArgumentParser, *, data_help: str, output_h
     if output_help is not None:
         parser.add_argument("--output-dir", default=None, help=output_help)
     return parser
-
-
-def throughput(count: int, seconds: float) -> float:
-    return count / seconds if seconds > 0 else math.inf
-
-
-def stack_images(images: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(images))
