@@ -147,3 +147,15 @@ def _pad_gt(gt: np.ndarray, num_frames: int) -> np.ndarray:
     if len(gt) >= num_frames:
         return gt
     return np.concatenate([gt, np.zeros((num_frames - len(gt),) + gt.shape[1:], gt.dtype)])
+
+
+def propagation_jf(extractor: DenseFeatures, dataset, *, indices: Sequence[int], max_frames: Optional[int] = None,
+                   cfg: PropagationConfig = PropagationConfig()) -> Dict[str, float]:
+    """J&F (percent) of the ``indices`` sequences (their first ``max_frames`` frames), in memory (no PNGs)."""
+    from .davis_metrics import evaluate_sequence, summarize
+
+    objects = []
+    for index in indices:
+        frames, gt = dataset.read_frames(index)[:max_frames], dataset.read_annotations(index)[:max_frames]
+        objects += evaluate_sequence(dataset.sequences[index], gt, segment_sequence(extractor, frames, gt[0], cfg))
+    return summarize(objects)[0]
