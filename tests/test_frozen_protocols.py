@@ -161,7 +161,8 @@ def test_davis_propagation_cli_on_embedded_data(tmp_path, repo, embedded_root):
     gt_dir = tmp_path / "gt"
     for seq in sequences:
         shutil.copytree(embedded_root / "davis2017" / "Annotations" / "480p" / seq, gt_dir / seq)
-    _run(repo, "davis_propagation.py", "--eval-only", str(gt_dir))
+    from downstream.davis_propagation import main as davis_main  # in-process: the same code as the CLI
+    davis_main(["--eval-only", str(gt_dir)])
     perfect = json.loads((gt_dir / "results.json").read_text())
     assert perfect["J&F-Mean"] == pytest.approx(100.0)
 
@@ -178,24 +179,31 @@ def test_retrieval_and_svm_clis_on_embedded_data(tmp_path, repo, embedded_root):
     feats, first, second = tmp_path / "f.pt", tmp_path / "svm.json", tmp_path / "svm_c1.json"
     _run(repo, "linear_probe.py", "--protocol", "svm", "--weights", "none", "--arch", "resnet_tiny", "--size", "32",
          "--dump-features", str(feats), "--out", str(first))
-    _run(repo, "linear_probe.py", "--protocol", "svm", "--load-features", str(feats), "--svm-cost", "0.5",
-         "--out", str(second))
+    from downstream.linear_probe import main as probe_main
+    probe_main(["--protocol", "svm", "--load-features", str(feats), "--svm-cost", "0.5", "--out", str(second)])
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert 0 < a["map"] <= 100 and a["map"] == pytest.approx(b["map"])  # the same features: the same mAP
 
 
 @pytest.mark.timeout(120)
 def test_davis_and_retrieval_monitors_reach_tensorboard(tmp_path, embedded_root):
+    from selfsup.backbones import build_backbone
     from selfsup.config import load_config
+    from selfsup.logs import ScalarWriter
     from selfsup.moco.config import PretrainConfig
-    from selfsup.moco.train import run_pretraining
+    from selfsup.monitors import build_monitors, log_monitors
 
-    cfg = load_config(PretrainConfig, overrides=TINY_PRETRAIN + [
-        f"output_dir={tmp_path}", "train.epochs=1", "train.steps_per_epoch=1", "train.monitors=[davis,retrieval]"])
-    history = run_pretraining(cfg)["knn"]
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert all(0 <= h["davis_jf"] <= 100 and 0 <= h["retrieval_miou"] <= 100 for h in history)
+    cfg = load_config(PretrainConfig, overrides=TINY_PRETRAIN + ["train.monitors=[davis,retrieval]"])
+    monitor = build_monitors(cfg, torch.device("cpu"))
+    backbone = build_backbone("resnet_tiny").train()
+    writer, history = ScalarWriter(tmp_path), []
+    log_monitors(monitor, backbone, epoch=1, step=3, writer=writer, history=history)
+    writer.close()
+    assert backbone.training  # the monitors leave the training state as it was
+    assert 0 <= history[0]["davis_jf"] <= 100 and 0 <= history[0]["retrieval_miou"] <= 100
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert {"monitor/davis_jf", "monitor/retrieval_miou", "monitor/seconds_davis"} <= set(acc.Tags()["scalars"])
+    with pytest.raises(KeyError, match="known: davis, knn, retrieval"):
+        build_monitors(load_config(PretrainConfig, overrides=["train.monitors=[jf]"]), torch.device("cpu"))
