@@ -12,15 +12,24 @@ from torchvision import transforms as T
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def eval_transform(size: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   resize: Optional[int] = None) -> T.Compose:
+    """Resize(resize or size) + CenterCrop(size) + ImageNet normalisation (the probes' evaluation transform)."""
+    return T.Compose([T.Resize(resize or size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
 def labelled_loaders(name: str, root: Optional[str], *, size: int, workers: int = 2,
-                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     splits: Sequence[str] = ("train", "val"), resize: Optional[int] = None
                      ) -> Tuple[List[DataLoader], int]:
-    """Train and val loaders of a class-folder dataset with Resize + CenterCrop(size), and its class count."""
+    """Loaders of ``splits`` of a labelled dataset with Resize + CenterCrop(size), and its class count
+    (class folders: ``len(classes)``; multi-label sets: the width of ``labels``)."""
     from selfsup.data import build_dataset
 
-    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
-    sets = [build_dataset(name, root=root, split=split, transform=transform) for split in ("train", "val")]
-    return [DataLoader(ds, batch_size=256, num_workers=workers) for ds in sets], len(sets[0].classes)
+    transform = eval_transform(size, mean=mean, std=std, resize=resize)
+    sets = [build_dataset(name, root=root, split=split, transform=transform) for split in splits]
+    num_classes = len(sets[0].classes) if hasattr(sets[0], "classes") else sets[0].labels.shape[1]
+    return [DataLoader(ds, batch_size=256, num_workers=workers) for ds in sets], num_classes
 
 
 @torch.no_grad()

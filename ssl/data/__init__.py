@@ -6,12 +6,12 @@ from .images import ClassificationFolder, CocoImages, ImageFolder, list_images, 
 from .nyud import NYUDMT
 from .pascal_context import PascalContextMT
 from .synthetic import FORMATS, ensure_embedded_data, generate_datasets
-from .voc import VOC2012Segmentation
+from .voc import VOC07Classification, VOC2012Segmentation
 
 __all__ = [
     "DATASETS", "EMBEDDED", "build_dataset", "env_var", "resolve_data_root", "DAVIS2017",
     "ClassificationFolder", "CocoImages", "ImageFolder", "list_images", "load_rgb", "NYUDMT",
-    "PascalContextMT", "FORMATS", "ensure_embedded_data", "generate_datasets", "VOC2012Segmentation",
+    "PascalContextMT", "FORMATS", "ensure_embedded_data", "generate_datasets", "VOC2012Segmentation", "VOC07Classification",
     "save_sample_grid",
 ]
 

@@ -32,10 +32,13 @@ LAYOUTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "voc2012": (("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
                 "JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt "
                 "(or VOCdevkit/VOC2012/ holding them)"),
+    "voc07": (("JPEGImages", "ImageSets/Main"),
+              "JPEGImages/<id>.jpg, ImageSets/Main/<class>_{trainval,test}.txt (or VOCdevkit/VOC2007/ holding them)"),
 }
 # subfolder of the embedded root holding each dataset
 EMBEDDED_SUBDIR = {"coco": "coco", "images": "coco", "classification": "classification",
-                   "pascal_context": "pascal_context", "nyud": "nyud", "davis2017": "davis2017", "voc2012": "voc2012"}
+                   "pascal_context": "pascal_context", "nyud": "nyud", "davis2017": "davis2017", "voc2012": "voc2012",
+                   "voc07": "voc2012"}
 EMBEDDED = "embedded"
 
 
@@ -46,7 +49,8 @@ def env_var(name: str) -> str:
 def _matches_layout(name: str, path: Path) -> Optional[Path]:
     """The folder under ``path`` laid out as ``name`` expects (path itself or a known wrapper), or None."""
     markers = LAYOUTS[name][0]
-    for candidate in (path, path / "VOCdevkit" / "VOC2012", path / "VOC2012", path / "DAVIS"):
+    for candidate in (path, path / "VOCdevkit" / "VOC2012", path / "VOC2012", path / "VOCdevkit" / "VOC2007",
+                      path / "VOC2007", path / "DAVIS"):
         if candidate.is_dir() and all((candidate / m).exists() for m in markers):
             return candidate
     return None

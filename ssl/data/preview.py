@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,27 +45,37 @@ def save_sample_grid(path: Union[str, Path], samples: Sequence[Dict[str, object]
                      title: str = "") -> Path:
     """Save rows of (image, each task map) for ``samples`` (dicts as returned by the multi-task
     datasets, untransformed). Rows may have different task sets; each cell is ``cell`` px high."""
-    rows: List[Image.Image] = []
+    rows = []
     for sample in samples:
         keys = ["image"] + [k for k in sample if k not in ("image", "meta") and isinstance(sample[k], torch.Tensor)]
+        rows.append([(key, render_label(key, sample[key])) for key in keys])
+    return save_tile_rows(path, rows, cell=cell, title=title)
+
+
+def save_tile_rows(path: Union[str, Path], rows: Sequence[Sequence[Tuple[str, np.ndarray]]], *, cell: int = 128,
+                   title: str = "") -> Path:
+    """Save rows of captioned RGB uint8 tiles ``(caption, [H,W,3])``, each scaled to ``cell`` px high."""
+    rendered: List[Image.Image] = []
+    for row_tiles in rows:
         tiles = []
-        for key in keys:
-            tile = Image.fromarray(render_label(key, sample[key]))
+        for caption, array in row_tiles:
+            tile = Image.fromarray(array)
             tile = tile.resize((max(1, round(tile.width * cell / tile.height)), cell), Image.NEAREST)
-            ImageDraw.Draw(tile).text((2, 1), key, fill=(255, 255, 255))
+            if caption:
+                ImageDraw.Draw(tile).text((2, 1), caption, fill=(255, 255, 255))
             tiles.append(tile)
         row = Image.new("RGB", (sum(t.width for t in tiles) + 2 * len(tiles), cell + 2))
         x = 0
         for tile in tiles:
             row.paste(tile, (x, 1))
             x += tile.width + 2
-        rows.append(row)
+        rendered.append(row)
     header = 14 if title else 0
-    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + header), (32, 32, 32))
+    grid = Image.new("RGB", (max(r.width for r in rendered), sum(r.height for r in rendered) + header), (32, 32, 32))
     if title:
         ImageDraw.Draw(grid).text((2, 1), title, fill=(255, 255, 255))
     y = header
-    for row in rows:
+    for row in rendered:
         grid.paste(row, (0, y))
         y += row.height
     path = Path(path)

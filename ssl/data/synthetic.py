@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 FORMATS: Tuple[str, ...] = ("coco", "pascal_context", "nyud", "davis2017", "voc2012", "classification")
 _FORMAT_CODE = {name: code for code, name in enumerate(FORMATS)}
 # bump when the generated data changes: cached embedded data of older versions is not reused
-GENERATOR_VERSION = 6
+# (7: v6's PASCAL LabelMap / person-part changes + VOC07-style multi-label lists
+#  voc2012/ImageSets/Main/<class>_{trainval,test}.txt)
+GENERATOR_VERSION = 7
 DEFAULT_SIZE = 96
 DEFAULT_NUM = 200
 DEFAULT_SEED = 0
@@ -224,7 +226,7 @@ def _prepare(out: Path, fmt: str) -> None:
                            "normals_distill", "sal_distill", "pascal-context/trainval"],
         "nyud": ["images", "segmentation", "depth", "normals", "edge", "gt_sets"],
         "davis2017": ["JPEGImages/480p", "Annotations/480p", "ImageSets/2017"],
-        "voc2012": ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"],
+        "voc2012": ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/Main"],
         "classification": [f"{split}/{name}" for split in ("train", "val") for name in CLASS_NAMES[1:]],
     }[fmt]
     for folder in folders:
@@ -244,6 +246,29 @@ def _write_splits(out: Path, fmt: str, n: int, seed: int) -> None:
     n_train = _train_count(fmt, n)
     for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
         (out / fmt / folder / f"{split}.txt").write_text("".join(f"{x}\n" for x in part))
+    if fmt == "voc2012":
+        _write_voc07_lists(out / fmt, ids[:n_train], ids[n_train:])
+
+
+# a class whose visible (non-void) area is below this fraction of the image is marked difficult (0)
+VOC07_DIFFICULT_AREA = 0.005
+
+
+def voc07_image_labels(mask: np.ndarray) -> np.ndarray:
+    """VOC07 classification labels of one segmentation mask: [20] int, 1 present, 0 difficult, -1 absent."""
+    counts = np.bincount(mask[mask != 255].ravel(), minlength=len(CLASS_NAMES))[1:len(CLASS_NAMES)]
+    return np.where(counts >= VOC07_DIFFICULT_AREA * mask.size, 1, np.where(counts > 0, 0, -1))
+
+
+def _write_voc07_lists(root: Path, trainval: Sequence[str], test: Sequence[str]) -> None:
+    """``ImageSets/Main/<class>_{trainval,test}.txt`` ("<id> <label>" lines) from the segmentation masks."""
+    from .labels import read_index_png
+
+    for split, ids in (("trainval", trainval), ("test", test)):
+        labels = np.stack([voc07_image_labels(read_index_png(root / "SegmentationClass" / f"{i}.png")) for i in ids])
+        for c, name in enumerate(CLASS_NAMES[1:]):
+            lines = "".join(f"{i} {label:2d}\n" for i, label in zip(ids, labels[:, c]))
+            (root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(lines)
 
 
 def _run_job(job: Tuple[str, Path, int, int, int, int]) -> None:

@@ -16,6 +16,7 @@ from .catalog import DATASETS, resolve_data_root
 from .images import load_rgb
 from .labels import read_index_png
 from .multitask import read_split
+from .scenes import CLASS_NAMES
 
 NUM_CLASSES = 21
 
@@ -54,3 +55,58 @@ class VOC2012Segmentation(Dataset):
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return image, mask
+
+
+VOC_CLASSES = CLASS_NAMES[1:]  # the 20 object classes in VOC order
+
+
+@DATASETS.register("voc07")
+class VOC07Classification(Dataset):
+    """VOC07-style multi-label image classification (the SVM probe's data).
+
+    root/JPEGImages/<id>.jpg and root/ImageSets/Main/<class>_<split>.txt for the 20 classes, lines
+    "<id> <label>" with label 1 (present), 0 (difficult) or -1 (absent); split ``trainval`` or ``test``.
+    ``ds[i]`` = ``(transform(pil_rgb), labels int64 [20])``; ``labels`` [N, 20] holds them all.
+    """
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, *, split: str = "trainval",
+                 transform: Optional[Callable] = None) -> None:
+        self.root = resolve_data_root("voc07", root)
+        self.split, self.transform = split, transform
+        columns = [self._read_list(name) for name in VOC_CLASSES]
+        self.ids = list(columns[0])
+        for name, column in zip(VOC_CLASSES, columns):
+            if list(column) != self.ids:
+                raise ValueError(f"{self._list_path(name)} lists other ids than {self._list_path(VOC_CLASSES[0])}")
+        self.labels = np.array([[column[i] for column in columns] for i in self.ids], np.int64).reshape(-1, 20)
+        missing = [i for i in self.ids if not (self.root / "JPEGImages" / f"{i}.jpg").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} ids of {split} have no image under {self.root / 'JPEGImages'}, "
+                                    f"e.g. {missing[:5]}")
+
+    def _list_path(self, name: str) -> Path:
+        return self.root / "ImageSets" / "Main" / f"{name}_{self.split}.txt"
+
+    def _read_list(self, name: str) -> "dict[str, int]":
+        path = self._list_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"missing {path} (expected ImageSets/Main/<class>_{self.split}.txt for the 20 "
+                                    "VOC classes)")
+        out = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
+                raise ValueError(f"{path}:{n}: expected '<id> <1|0|-1>', got {line!r}")
+            out[parts[0]] = int(parts[1])
+        return out
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Tuple[object, torch.Tensor]:
+        image = load_rgb(self.root / "JPEGImages" / f"{self.ids[index]}.jpg")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.from_numpy(self.labels[index])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from selfsup.augment.config import AugmentConfig
 from selfsup.config import check_counts, nested_updates
@@ -81,7 +81,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 1000
     log_every_steps: int = 20
     nan_check_every: int = 50  # read the NaN/Inf flag back every N steps (and before every checkpoint)
-    knn_every_epochs: int = 10
+    knn_every_epochs: int = 10  # how often the monitors run
+    monitors: List[str] = field(default_factory=lambda: ["knn"])  # knn, davis, retrieval (selfsup.monitors)
     max_steps: int = 0  # stop (checkpointed) after this many global steps; 0 = run all epochs
     steps_per_epoch: int = 0  # cap on steps per epoch (demos); 0 = the whole dataset
 

@@ -126,7 +126,8 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
 
 def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     """Set up (distributed, data, model, optimiser), resume from ``cfg.output_dir`` if possible, train."""
-    from selfsup.moco.data import build_knn_monitor, build_loader  # data set-up lives beside the loop
+    from selfsup.moco.data import build_loader  # data set-up lives beside the loop
+    from selfsup.monitors import build_monitors, log_monitors
 
     device = _device(cfg.train.device)
     env = init_distributed(device_type=device.type)
@@ -170,7 +171,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
         logger.info("resumed from %s at epoch %d step %d (global step %d)", last, state.epoch,
                     state.step_in_epoch, state.global_step)
     writer = ScalarWriter(run_dir, enabled=env.is_main)
-    monitor = build_knn_monitor(cfg, device) if env.is_main else None
+    monitor = build_monitors(cfg, device) if env.is_main else None
 
     guard = NonFiniteGuard(cfg.train.nan_check_every)
 
@@ -190,9 +191,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
 
     history = []
     if monitor is not None and state.global_step == 0:
-        history.append({"epoch": 0, "knn_acc": monitor(model.encoder_q.backbone)})
-        writer.scalars({"knn_acc": history[-1]["knn_acc"]}, 0, prefix="monitor/")
-        logger.info("kNN monitor at init: %.2f%%", history[-1]["knn_acc"])
+        log_monitors(monitor, model.encoder_q.backbone, epoch=0, step=0, writer=writer, history=history)
     try:
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch
@@ -204,9 +203,8 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
             logger.info("epoch %d: loss %.4f%s", epoch, stats["loss"], f" ({skipped} unreadable images skipped)" if skipped else "")
             writer.scalars({"skipped_images": skipped}, state.global_step, prefix="data/")
             if monitor is not None and ((epoch + 1) % cfg.train.knn_every_epochs == 0 or epoch + 1 == cfg.train.epochs):
-                history.append({"epoch": epoch + 1, "knn_acc": monitor(model.encoder_q.backbone)})
-                writer.scalars({"knn_acc": history[-1]["knn_acc"]}, state.global_step, prefix="monitor/")
-                logger.info("kNN monitor after epoch %d: %.2f%%", epoch + 1, history[-1]["knn_acc"])
+                log_monitors(monitor, model.encoder_q.backbone, epoch=epoch + 1, step=state.global_step,
+                             writer=writer, history=history)
     except StopTraining:
         logger.info("stopped after %d steps (train.max_steps); resume by running the same command", state.global_step)
     finally:
