@@ -73,8 +73,9 @@ def test_astmt_shared_layers_train_at_lr_over_tasks():
     cfg.model.arch, cfg.model.backbone = "astmt", "resnet_tiny"
     model = build_model("astmt", tasks=NYUD, **TINY, astmt_options=cfg.model.astmt)
     optimizer = build_optimizer(cfg, model)
-    shared, own = optimizer.param_groups
+    shared, own, discriminator = optimizer.param_groups
     assert shared["lr_scale"] == pytest.approx(1 / 3) and own["lr_scale"] == 1.0
+    assert discriminator["lr_scale"] == pytest.approx(10 / 3)
     ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     assert id(model.encoder.backbone.conv1.weight) in {id(p) for p in shared["params"]}

@@ -30,22 +30,24 @@ from .task_conditioning import (TaskModules, TaskSE, TaskSelector, check_resnet,
 
 
 class TaskConvUnit(nn.Module):
-    """Shared conv (+ per-task adapter beside a 3x3 conv) -> BN -> ReLU -> per-task SE."""
+    """Shared conv (+ per-task adapter beside a 3x3 conv) -> BN (shared or per task) -> ReLU -> per-task SE."""
 
     def __init__(self, selector: TaskSelector, in_channels: int, out_channels: int, kernel_size: int, *,
-                 se: bool, adapters: bool, se_reduction: int = 16) -> None:
+                 se: bool, adapters: bool, task_norm: bool, se_reduction: int = 16) -> None:
         super().__init__()
         self.selector = selector
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.adapters = task_adapters(selector, self.conv) if adapters and kernel_size == 3 else None
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = (TaskModules({t: nn.BatchNorm2d(out_channels) for t in selector.tasks}) if task_norm
+                   else nn.BatchNorm2d(out_channels))
         self.se = TaskSE(selector, out_channels, se_reduction) if se else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
         if self.adapters is not None:
             out = out + self.adapters[self.selector.current()](x)
-        out = F.relu(self.bn(out))
+        bn = self.bn[self.selector.current()] if isinstance(self.bn, TaskModules) else self.bn
+        out = F.relu(bn(out))
         return self.se(out) if self.se is not None else out
 
 
@@ -54,14 +56,15 @@ class TaskDeepLabV3Plus(nn.Module):
     stride-4 map to 48/256 of the width, concat, two 3x3 units; returns the shared features [B, C, H/4, W/4]."""
 
     def __init__(self, selector: TaskSelector, *, low_channels: int, high_channels: int, channels: int,
-                 rates: Sequence[int], se: bool, adapters: bool) -> None:
+                 rates: Sequence[int], se: bool, adapters: bool, task_norm: bool) -> None:
         super().__init__()
         low = max(8, channels * 48 // 256)
         self.aspp = ASPP(high_channels, channels, rates)
         self.aspp_se = TaskSE(selector, channels) if se else nn.Identity()
-        self.low_reduce = TaskConvUnit(selector, low_channels, low, 1, se=se, adapters=adapters, se_reduction=4)
-        self.concat_conv = TaskConvUnit(selector, channels + low, channels, 3, se=se, adapters=adapters)
-        self.process_conv = TaskConvUnit(selector, channels, channels, 3, se=se, adapters=adapters)
+        unit = dict(se=se, adapters=adapters, task_norm=task_norm)
+        self.low_reduce = TaskConvUnit(selector, low_channels, low, 1, se_reduction=4, **unit)
+        self.concat_conv = TaskConvUnit(selector, channels + low, channels, 3, **unit)
+        self.process_conv = TaskConvUnit(selector, channels, channels, 3, **unit)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         low = self.low_reduce(low)
@@ -72,8 +75,8 @@ class TaskDeepLabV3Plus(nn.Module):
 class ASTMT(nn.Module):
     def __init__(self, encoder: Encoder, *, tasks: Sequence[str], auxiliary: Sequence[str], channels: Mapping[str, int],
                  decoder_channels: int = 256, aspp_rates: Sequence[int] = (6, 12, 18), se: bool = True,
-                 adapters: bool = True, discriminator: bool = True, discriminator_weight: float = 0.01,
-                 grl_scale: float = 1.0) -> None:
+                 adapters: bool = True, decoder_task_norm: bool = True, discriminator: bool = True,
+                 discriminator_weight: float = 0.01, grl_scale: float = 1.0, discriminator_lr_scale: float = 10.0) -> None:
         super().__init__()
         self.tasks, self.auxiliary = tuple(tasks), tuple(auxiliary)
         self.all_tasks = (*self.tasks, *self.auxiliary)
@@ -84,9 +87,11 @@ class ASTMT(nn.Module):
         self.encoder = Encoder(backbone)  # the DeepLab-v3+ decoder reads the backbone directly (no neck)
         feat = backbone.feature_channels
         self.decoder = TaskDeepLabV3Plus(self.selector, low_channels=feat[0], high_channels=feat[-1],
-                                         channels=decoder_channels, rates=aspp_rates, se=se, adapters=adapters)
+                                         channels=decoder_channels, rates=aspp_rates, se=se, adapters=adapters,
+                                         task_norm=decoder_task_norm)
         self.predict = TaskModules({t: PredictionConv(decoder_channels, channels[t]) for t in self.all_tasks})
         self.discriminator_weight, self.grl_scale = float(discriminator_weight), float(grl_scale)
+        self.discriminator_lr_scale = float(discriminator_lr_scale)
         # fully convolutional task classifier on the normalised gradients (published: 2 layers, 1x1 kernels)
         self.discriminator = (nn.Sequential(nn.Conv2d(decoder_channels, decoder_channels, 1), nn.ReLU(inplace=True),
                                             nn.Conv2d(decoder_channels, len(self.all_tasks), 1))
@@ -133,13 +138,17 @@ class ASTMT(nn.Module):
         return {"task_discriminator": self.discriminator_weight * loss}
 
     def param_groups(self) -> List[Dict[str, object]]:
-        """Shared layers at lr / T (every task's pass updates them), task-specific ones and the discriminator at lr."""
+        """Shared layers at lr / T (every task's pass updates them), task-specific ones at lr, the discriminator at
+        ``discriminator_lr_scale`` × the shared lr (the published code: task-specific × T, discriminator × 10)."""
+        T = len(self.all_tasks)
         own = {id(p) for ps in task_specific_parameters(self).values() for p in ps}
-        if self.discriminator is not None:
-            own |= {id(p) for p in self.discriminator.parameters()}
+        dscr = {id(p) for p in self.discriminator.parameters()} if self.discriminator is not None else set()
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if id(p) not in own], "lr_scale": 1.0 / len(self.all_tasks)},
-                {"params": [p for p in params if id(p) in own], "lr_scale": 1.0}]
+        groups = [{"params": [p for p in params if id(p) not in own | dscr], "lr_scale": 1.0 / T},
+                  {"params": [p for p in params if id(p) in own], "lr_scale": 1.0}]
+        if dscr:
+            groups.append({"params": [p for p in params if id(p) in dscr], "lr_scale": self.discriminator_lr_scale / T})
+        return groups
 
     def load_backbone_weights(self, source) -> Dict[str, list]:
         """Pretrained backbone weights into the shared layers; only the task-specific SE/adapters stay as built."""
@@ -156,7 +165,8 @@ def astmt(*, encoder: Encoder, tasks: Sequence[str], auxiliary: Sequence[str] = 
           head_channels: int = 256, aspp_rates: Sequence[int] = (6, 12, 18), astmt_options=None, **_: object) -> ASTMT:
     """ASTMT on a ResNet backbone (``model.output_stride=16`` as published); the decoder is ``head_channels`` wide."""
     o = astmt_options
-    kw = {} if o is None else dict(se=o.se, adapters=o.adapters, discriminator=o.discriminator,
-                                   discriminator_weight=o.discriminator_weight, grl_scale=o.grl_scale)
+    kw = {} if o is None else dict(se=o.se, adapters=o.adapters, decoder_task_norm=o.decoder_task_norm,
+                                   discriminator=o.discriminator, discriminator_weight=o.discriminator_weight,
+                                   grl_scale=o.grl_scale, discriminator_lr_scale=o.discriminator_lr_scale)
     return ASTMT(encoder, tasks=tasks, auxiliary=auxiliary, channels=channels, decoder_channels=head_channels,
                  aspp_rates=aspp_rates, **kw)

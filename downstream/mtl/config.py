@@ -28,9 +28,11 @@ class ASTMTConfig:
     """Options of ``model.arch=astmt`` (docs/mtl.md)."""
     se: bool = True  # per-task squeeze-and-excitation in the backbone blocks and the decoder
     adapters: bool = True  # per-task residual adapters (1x1 conv beside every 3x3 conv)
+    decoder_task_norm: bool = True  # per-task BN in the decoder (the published code, with decoder SE)
     discriminator: bool = True  # task discriminator on the gradients, through a gradient-reversal layer
     discriminator_weight: float = 0.01
     grl_scale: float = 1.0  # gradient-reversal factor
+    discriminator_lr_scale: float = 10.0  # discriminator lr relative to the shared layers' (published: 10)
 
 
 @dataclass

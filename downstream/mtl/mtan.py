@@ -2,6 +2,7 @@
 
 Per stage s with shared output p_s and per task t:
   mask_t^s = σ(BN(1x1(ReLU(BN(1x1(input))))))    input = p_0 at s = 0, else [p_s ; f_s(a_t^{s-1})]
+           (hidden width C_s / 4, as the published ResNet variant; the SegNet one uses C_s)
   a_t^s    = mask_t^s ⊙ p_s
 where f_s (3x3 conv-BN-ReLU to p_s's channels, then max-pooled to p_s's size) is shared by the tasks, as in
 the published code. The task features a_t^0..3 go through the (shared) neck and the task's head.
@@ -23,9 +24,10 @@ from .registry import ARCHITECTURES
 from .task_conditioning import TaskModules, check_resnet, resnet_stage
 
 
-def attention_mask(in_channels: int, channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-                         nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.Sigmoid())
+def attention_mask(in_channels: int, channels: int, reduction: int = 4) -> nn.Sequential:
+    hidden = max(1, channels // reduction)
+    return nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.Sigmoid())
 
 
 class MTAN(nn.Module):
