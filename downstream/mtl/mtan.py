@@ -4,8 +4,8 @@ Per stage s with shared output p_s and per task t:
   mask_t^s = σ(BN(1x1(ReLU(BN(1x1(input))))))    input = p_0 at s = 0, else [p_s ; f_s(a_t^{s-1})]
            (hidden width C_s / 4, as the published ResNet variant; the SegNet one uses C_s)
   a_t^s    = mask_t^s ⊙ p_s
-where f_s (3x3 conv-BN-ReLU to p_s's channels, then max-pooled to p_s's size) is shared by the tasks, as in
-the published code. The task features a_t^0..3 go through the (shared) neck and the task's head.
+where f_s (3x3 conv-BN-ReLU to C_s / 4 channels, then max-pooled to p_s's size) is shared by the tasks, as in
+the published ResNet variant. The task features a_t^0..3 go through the (shared) neck and the task's head.
 The paper feeds the mask with the block's intermediate features u_s and gates its output p_s; our backbone
 interface exposes stage outputs only, so u_s = p_s here.
 """
@@ -40,8 +40,9 @@ class MTAN(nn.Module):
         self.encoder = encoder
         ch = encoder.backbone.feature_channels
         self.attention = nn.ModuleList(
-            TaskModules({t: attention_mask(ch[s] * (2 if s else 1), ch[s]) for t in self.all_tasks}) for s in range(4))
-        self.bridge = nn.ModuleList(conv_bn_relu(ch[s - 1], ch[s], 3) for s in range(1, 4))  # f_s, shared
+            TaskModules({t: attention_mask(ch[s] + (ch[s] // 4 if s else 0), ch[s]) for t in self.all_tasks})
+            for s in range(4))
+        self.bridge = nn.ModuleList(conv_bn_relu(ch[s - 1], ch[s] // 4, 3) for s in range(1, 4))  # f_s, shared
         self.heads = nn.ModuleDict({t: build_head(head, in_channels=encoder.channels, num_outputs=channels[t],
                                                   channels=head_channels, rates=aspp_rates) for t in self.all_tasks})
 
