@@ -37,7 +37,8 @@ def _check(model, tasks: TaskSet, H=64, W=64):
 
 
 def test_registry_lists_architectures():
-    assert {"single_task", "mtl_baseline", "pad_net", "mti_net"} <= set(architecture_names())
+    assert {"single_task", "mtl_baseline", "pad_net", "mti_net", "astmt", "cross_stitch", "nddr", "mtan"} <= set(
+        architecture_names())
     with pytest.raises(KeyError, match="known"):
         build_model("no_such_net", tasks=TASK_SETS["nyud"], **TINY)
 
@@ -51,6 +52,14 @@ def test_multi_task_architectures(arch, task_set):
         assert len(out["initial"]) == 4 and all(set(s) == set(tasks.all) for s in out["initial"])
     if arch == "pad_net":
         assert len(out["initial"]) == 1 and set(out["initial"][0]) == set(tasks.all)
+
+
+@pytest.mark.parametrize("arch", ["astmt", "cross_stitch", "nddr", "mtan"])
+def test_single_tasking_and_encoder_focused_architectures(arch):
+    """The same checks on main + auxiliary tasks (32 px keeps the per-task backbones / passes cheap)."""
+    tasks = TASK_SETS["nyud_aux"]
+    out = _check(build_model(arch, tasks=tasks, **TINY), tasks, H=32, W=32)
+    assert len(out["initial"]) == 1 and set(out["initial"][0]) == set(tasks.auxiliary)
 
 
 @pytest.mark.parametrize("task", ["semseg", "human_parts", "sal", "normals", "edge"])

@@ -37,8 +37,20 @@ class DataConfig:
 
 
 @dataclass
+class ASTMTConfig:
+    """Options of ``model.arch=astmt`` (docs/mtl.md)."""
+    se: bool = True  # per-task squeeze-and-excitation in the backbone blocks and the decoder
+    adapters: bool = True  # per-task residual adapters (1x1 conv beside every 3x3 conv)
+    decoder_task_norm: bool = True  # per-task BN in the decoder (the published code, with decoder SE)
+    discriminator: bool = True  # task discriminator on the gradients, through a gradient-reversal layer
+    discriminator_weight: float = 0.01
+    grl_scale: float = 1.0  # gradient-reversal factor
+    discriminator_lr_scale: float = 10.0  # discriminator lr relative to the shared layers' (published: 10)
+
+
+@dataclass
 class ModelConfig:
-    arch: str = "mti_net"  # single_task | mtl_baseline | pad_net | mti_net
+    arch: str = "mti_net"  # single_task | mtl_baseline | pad_net | mti_net | astmt | cross_stitch | nddr | mtan
     backbone: str = "resnet18"
     weights: str = "none"  # backbone weights: our / MoCo / torchvision checkpoint, or 'none' (random init)
     output_stride: int = 32  # 8 or 16 with neck=none + head=aspp (DeepLab)
@@ -56,6 +68,9 @@ class ModelConfig:
     # bias of the depth prediction layers: "train_mean" (mean valid depth of up to 64 training images),
     # "none" (PyTorch's default init, the output starts near 0 m) or a depth in metres such as "2.5"
     depth_init: str = "train_mean"
+    astmt: ASTMTConfig = field(default_factory=ASTMTConfig)
+    # cross_stitch / nddr: {task: single-task run's checkpoint.pth} to start that task's branch from (fresh runs)
+    task_checkpoints: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         depth_init_value(self.depth_init)  # fail at config time on a bad value

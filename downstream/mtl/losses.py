@@ -73,6 +73,23 @@ def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return TASK_LOSSES[task](pred, target)
 
 
+def add_extra_losses(outputs: Mapping[str, object], total: torch.Tensor, terms: Dict[str, torch.Tensor]):
+    """Add a model's own loss terms (already weighted) to ``total``, logged as ``extra/<name>``.
+
+    ``outputs['extra_losses']`` is ``{name: scalar}`` or a callable ``f(task_total) -> {name: scalar}`` for
+    terms that depend on the task losses (ASTMT's discriminator reads their gradients).
+    """
+    extra = outputs.get("extra_losses")
+    if extra is None:
+        return total, terms
+    extra = extra(total) if callable(extra) else extra
+    terms = dict(terms)
+    for name, value in extra.items():
+        terms[f"extra/{name}"] = value
+        total = total + value
+    return total, terms
+
+
 class MultiTaskLoss(nn.Module):
     """``Σ_t w_t L_t(final)`` over main tasks + ``Σ_scales Σ_t w_t L_t(initial)`` over all supervised tasks.
 
@@ -93,4 +110,5 @@ class MultiTaskLoss(nn.Module):
             for task, pred in preds.items():
                 terms[f"initial{scale}/{task}"] = task_loss(task, pred, targets[task])
         total = sum(self.weights[name.split("/")[1]] * value for name, value in terms.items())
+        total, terms = add_extra_losses(outputs, total, terms)
         return total, {name: value.detach() for name, value in terms.items()}

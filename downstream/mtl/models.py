@@ -5,7 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-from . import baseline, mti_net, pad_net  # noqa: F401  (register the architectures)
+from . import astmt, baseline, encoder_fusion, mtan, mti_net, pad_net  # noqa: F401  (register the architectures)
 from .encoder import build_encoder
 from .layers import PredictionConv
 from .registry import ARCHITECTURES
@@ -14,17 +14,20 @@ from .tasks import TaskSet
 
 def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output_stride: int = 32, neck: str = "fpn",
                 fpn_channels: int = 256, head: str = "multiscale", head_channels: int = 256, task_channels: int = 64,
-                aspp_rates: Sequence[int] = (12, 24, 36), widths: str = "narrow", fpm_softmax: str = "task") -> nn.Module:
+                aspp_rates: Sequence[int] = (12, 24, 36), widths: str = "narrow", fpm_softmax: str = "task",
+                **arch_options: object) -> nn.Module:
     """E.g. ``build_model("mti_net", tasks=TaskSet("nyud", ("semseg", "depth"), ("normals", "edge")))``.
 
     ``widths`` ('narrow' | 'published') and ``fpm_softmax`` ('task' | 'published') reach the architectures that
-    have them (PAD-Net, MTI-Net; see docs/mtl.md). The model maps images [B,3,H,W] to ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
+    have them (PAD-Net, MTI-Net; see docs/mtl.md). The model maps images [B,3,H,W] to
+    ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
+    ``arch_options`` go to the architecture's builder only (e.g. ``astmt_options`` for ASTMT).
     """
     builder = ARCHITECTURES.get(arch)  # fail before building the encoder on an unknown name
     encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)
     return builder(encoder=encoder, tasks=tasks.main, auxiliary=tasks.auxiliary, channels=tasks.channels(), head=head,
                    head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates),
-                   widths=widths, fpm_softmax=fpm_softmax)
+                   widths=widths, fpm_softmax=fpm_softmax, **arch_options)
 
 
 def init_output_bias(model: nn.Module, task: str, value: float) -> int:

@@ -47,7 +47,7 @@ def model_from_config(cfg: MTLConfig, *, arch: str | None = None, tasks: TaskSet
     return build_model(arch or m.arch, tasks=tasks or task_set(cfg), backbone=m.backbone, output_stride=m.output_stride,
                        neck=m.neck, fpn_channels=m.fpn_channels, head=m.head, head_channels=m.head_channels,
                        task_channels=m.task_channels, aspp_rates=m.aspp_rates, widths=m.widths,
-                       fpm_softmax=m.fpm_softmax)
+                       fpm_softmax=m.fpm_softmax, astmt_options=m.astmt)
 
 
 def model_report(cfg: MTLConfig) -> Dict[str, Any]:
@@ -74,8 +74,22 @@ def init_depth_output(cfg: MTLConfig, tasks: TaskSet, model: nn.Module) -> None:
                 cfg.model.depth_init)
 
 
+def init_task_checkpoints(cfg: MTLConfig, model: nn.Module) -> None:
+    """Start each task's branch from its single-task run (``model.task_checkpoints``; cross_stitch, nddr)."""
+    if not cfg.model.task_checkpoints:
+        return
+    if not hasattr(model, "load_task_checkpoints"):
+        raise ValueError(f"model.task_checkpoints is set, but model.arch={cfg.model.arch} has no per-task branches "
+                         "to load them into (cross_stitch, nddr have)")
+    model.load_task_checkpoints(dict(cfg.model.task_checkpoints))
+    logger.info("task branches from single-task checkpoints: %s", dict(cfg.model.task_checkpoints))
+
+
 def build_optimizer(cfg: MTLConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Adam / SGD over the trainable parameters; a model with ``param_groups()`` (e.g. ASTMT) gives its own groups,
+    each may carry ``lr_scale`` (the engine sets ``lr = schedule × lr_scale``)."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    params = net.param_groups() if hasattr(net, "param_groups") else [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -120,13 +134,17 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         (out / "model_report.json").write_text(json.dumps(report, indent=2))
 
     model = model_from_config(cfg)
-    if cfg.model.weights.lower() != "none":
-        load_backbone_weights(model.encoder.backbone, cfg.model.weights)
+    if cfg.model.weights.lower() != "none":  # models with several backbone copies load them all themselves
+        if hasattr(model, "load_backbone_weights"):
+            model.load_backbone_weights(cfg.model.weights)
+        else:
+            load_backbone_weights(model.encoder.backbone, cfg.model.weights)
         logger.info("backbone weights: %s", cfg.model.weights)
     else:
         logger.info("backbone: random init (--weights none)")
     resume = last_checkpoint(out)
     if resume is None:  # a resumed run loads its own biases: skip reading the depth maps
+        init_task_checkpoints(cfg, model)
         init_depth_output(cfg, tasks, model)
     model.to(device)
     if channels_last:
