@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from selfsup.logs import ScalarWriter
 
+from .balancers import Balancer, SharedParts, task_kpis
+from .balancers.fixed import Fixed
 from .data import targets_of
 from .losses import MultiTaskLoss
 from .metrics import build_meter, postprocess
@@ -34,9 +36,18 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimizer: torch.optim.Optimizer, *,
                     lr_at: Callable[[int], float], step: int, epoch: int, tasks: Sequence[str], device: torch.device,
                     amp: bool = True, channels_last: bool = False, max_iters: int = 0,
-                    writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True) -> int:
-    """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it."""
+                    writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True,
+                    balancer: Optional[Balancer] = None, shared: Optional[SharedParts] = None) -> int:
+    """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it.
+
+    ``balancer`` (default: fixed weights) weighs the per-task losses of the tasks it was built for (the main
+    tasks); the other terms (auxiliary tasks) enter with their config weight as ``extra``. ``shared`` is
+    what gradient-based balancers need (``SharedParts.of(model)``).
+    """
     model.train()
+    balancer = balancer if balancer is not None else Fixed(list(tasks))
+    # balancers that reduce the gradients themselves run forward + backward outside DDP's own all-reduce
+    no_sync = getattr(model, "no_sync", None) if balancer.reduces_gradients else None
     num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for i, batch in enumerate(loader):
@@ -47,20 +58,24 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = to_device(batch["image"], device, channels_last)
         targets = targets_of(batch, list(tasks), device)
-        with autocast(device, amp):
-            outputs = model(images)
-        total, terms = criterion(outputs, targets)  # losses in fp32
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            with autocast(device, amp):
+                outputs = model(images)
+            losses, terms = criterion.per_task(outputs, targets)  # losses in fp32
+            extra = sum((v for t, v in losses.items() if t not in balancer.tasks), torch.zeros((), device=device))
+            kpi = task_kpis(balancer.tasks, outputs["final"], targets) if balancer.needs_kpi else None
+            optimizer.zero_grad(set_to_none=True)
+            total = balancer.backward(losses, extra=extra, shared=shared, step=step, epoch=epoch, kpi=kpi)
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite loss {float(total)} at step {step}: {({k: float(v) for k, v in terms.items()})}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
         optimizer.step()
         step += 1
         loss_value = float(total.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         bar.update()
         if writer is not None and (step % log_every == 0 or i == num_iters - 1):
-            writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()}}, step, prefix="train/")
+            writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()},
+                            **{f"balancer/{t}": w for t, w in balancer.weights().items()}}, step, prefix="train/")
     bar.close()
     return step
 

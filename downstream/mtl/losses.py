@@ -77,14 +77,17 @@ class MultiTaskLoss(nn.Module):
     """``Σ_t w_t L_t(final)`` over main tasks + ``Σ_scales Σ_t w_t L_t(initial)`` over all supervised tasks.
 
     The model output is ``{'final': {task: pred}, 'initial': [{task: pred}, ...]}`` (``initial`` may be empty).
-    Returns the total and a dict of detached per-term losses for logging.
+    ``forward`` returns the total and a dict of detached per-term losses for logging; :meth:`per_task` returns
+    the per-task losses a balancer weighs: ``L_t = w_t · (final_t + Σ_scales initial_t)``, every term of a task
+    with the task's config weight ``w_t`` (auxiliary tasks only have initial terms).
     """
 
     def __init__(self, weights: Mapping[str, float]) -> None:
         super().__init__()
         self.weights = dict(weights)
 
-    def forward(self, outputs: Mapping[str, object], targets: Mapping[str, torch.Tensor]):
+    def per_task(self, outputs: Mapping[str, object], targets: Mapping[str, torch.Tensor]):
+        """``({task: L_t}, {term: detached loss})`` over every supervised task, final and initial terms."""
         terms: Dict[str, torch.Tensor] = {}
         for task, pred in outputs["final"].items():
             terms[f"final/{task}"] = task_loss(task, pred, targets[task])
@@ -92,5 +95,13 @@ class MultiTaskLoss(nn.Module):
         for scale, preds in enumerate(initial):
             for task, pred in preds.items():
                 terms[f"initial{scale}/{task}"] = task_loss(task, pred, targets[task])
-        total = sum(self.weights[name.split("/")[1]] * value for name, value in terms.items())
-        return total, {name: value.detach() for name, value in terms.items()}
+        unweighted: Dict[str, torch.Tensor] = {}
+        for name, value in terms.items():
+            task = name.split("/")[1]
+            unweighted[task] = unweighted[task] + value if task in unweighted else value
+        losses = {task: self.weights[task] * value for task, value in unweighted.items()}
+        return losses, {name: value.detach() for name, value in terms.items()}
+
+    def forward(self, outputs: Mapping[str, object], targets: Mapping[str, torch.Tensor]):
+        losses, terms = self.per_task(outputs, targets)
+        return sum(losses.values()), terms

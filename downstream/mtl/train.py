@@ -23,6 +23,7 @@ from selfsup.distributed import barrier, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.schedule import poly_lr
 
+from .balancers import Balancer, SharedParts, build_balancer
 from .config import MTLConfig, depth_init_value
 from .data import build_loaders, mean_train_depth, resolve_crop_size
 from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
@@ -71,8 +72,11 @@ def init_depth_output(cfg: MTLConfig, tasks: TaskSet, model: nn.Module) -> None:
                 cfg.model.depth_init)
 
 
-def build_optimizer(cfg: MTLConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(cfg: MTLConfig, model: nn.Module, balancer: Balancer | None = None) -> torch.optim.Optimizer:
+    """The model's parameters, plus the balancer's learned ones (uncertainty's log σ²) without weight decay."""
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if balancer is not None and list(balancer.parameters()):
+        params.append({"params": list(balancer.parameters()), "weight_decay": 0.0})
     o = cfg.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -103,6 +107,7 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     random.seed(cfg.seed + env.rank)
     np.random.seed(cfg.seed + env.rank)
     tasks = task_set(cfg)
+    balancer = build_balancer(cfg.optim.balancer, tasks=tasks.main, args=cfg.optim.balancer_args)  # fail early
     _check_single_task_reference(cfg, tasks)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=resolve_crop_size(cfg.data)))
     if env.is_main:
@@ -133,7 +138,9 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
 
     train_loader, val_loader = build_loaders(cfg.data, seed=cfg.seed, distributed=env.world_size > 1)
     criterion = MultiTaskLoss(loss_weights(tasks.dataset, tasks.all, cfg.optim.loss_weights))
-    optimizer = build_optimizer(cfg, model)
+    balancer.to(device)
+    shared = SharedParts.of(net, capture_representation=balancer.needs_representation)
+    optimizer = build_optimizer(cfg, model, balancer)
     iters = len(train_loader) if not cfg.max_iters_per_epoch else min(cfg.max_iters_per_epoch, len(train_loader))
     total_steps = cfg.epochs * iters
     lr_at = lambda step: poly_lr(step, total_steps=total_steps, base_lr=cfg.optim.lr, power=cfg.optim.poly_power)  # noqa: E731
@@ -143,6 +150,8 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         state = load_checkpoint(resume)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if "balancer" in state:
+            balancer.load_state_dict(state["balancer"])
         start_epoch, step = state["epoch"], state["step"]
         set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
@@ -157,10 +166,11 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         step = train_one_epoch(forward_model, train_loader, criterion, optimizer, lr_at=lr_at, step=step, epoch=epoch,
                                tasks=tasks.all, device=device, amp=use_amp, channels_last=channels_last,
                                max_iters=cfg.max_iters_per_epoch, writer=writer, log_every=cfg.log_every,
-                               progress=cfg.progress and env.is_main)
+                               progress=cfg.progress and env.is_main, balancer=balancer, shared=shared)
         if env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint({"epoch": epoch + 1, "step": step, "arch": cfg.model.arch, "model": net.state_dict(),
-                             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_state()},
+                             "optimizer": optimizer.state_dict(), "balancer": balancer.state_dict(), "config": to_dict(cfg),
+                             "rng": rng_state()},
                             out / "checkpoint.pth")
         if env.is_main and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.epochs:
             vis = cfg.vis_every and (epoch + 1) % cfg.vis_every == 0
@@ -177,6 +187,8 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         for t, values in metrics.items():
             writer.scalars(values, step, prefix=f"val/{t}/")
         results = _results(cfg, tasks, metrics, report, train_time)
+        results.update(balancer=cfg.optim.balancer, balancer_args=dict(cfg.optim.balancer_args),
+                       balancer_weights=balancer.weights())
         if results.get("delta_mtl") is not None:
             writer.scalars({"delta_mtl": results["delta_mtl"]}, step, prefix="val/")
         (out / "results.json").write_text(json.dumps(results, indent=2))
