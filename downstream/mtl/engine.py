@@ -33,6 +33,25 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def balanced_step(model: nn.Module, images: torch.Tensor, targets: Mapping[str, torch.Tensor], criterion: MultiTaskLoss,
+                  balancer: Balancer, *, shared: Optional[SharedParts], step: int, epoch: int, device: torch.device,
+                  amp: bool = True):
+    """Forward, per-task losses, the balancer's backward (gradients in ``.grad``); returns (total, terms).
+
+    The main tasks' losses go to the balancer; the others (auxiliary tasks) are ``extra`` with their config
+    weight. Balancers that reduce the gradients themselves run forward + backward under DDP's ``no_sync()``.
+    """
+    no_sync = getattr(model, "no_sync", None) if balancer.reduces_gradients else None
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        with autocast(device, amp):
+            outputs = model(images)
+        losses, terms = criterion.per_task(outputs, targets)  # losses in fp32
+        extra = sum((v for t, v in losses.items() if t not in balancer.tasks), torch.zeros((), device=device))
+        kpi = task_kpis(balancer.tasks, outputs["final"], targets) if balancer.needs_kpi else None
+        total = balancer.backward(losses, extra=extra, shared=shared, step=step, epoch=epoch, kpi=kpi)
+    return total, terms
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimizer: torch.optim.Optimizer, *,
                     lr_at: Callable[[int], float], step: int, epoch: int, tasks: Sequence[str], device: torch.device,
                     amp: bool = True, channels_last: bool = False, max_iters: int = 0,
@@ -46,8 +65,6 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
     """
     model.train()
     balancer = balancer if balancer is not None else Fixed(list(tasks))
-    # balancers that reduce the gradients themselves run forward + backward outside DDP's own all-reduce
-    no_sync = getattr(model, "no_sync", None) if balancer.reduces_gradients else None
     num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for i, batch in enumerate(loader):
@@ -58,14 +75,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = to_device(batch["image"], device, channels_last)
         targets = targets_of(batch, list(tasks), device)
-        with no_sync() if no_sync is not None else contextlib.nullcontext():
-            with autocast(device, amp):
-                outputs = model(images)
-            losses, terms = criterion.per_task(outputs, targets)  # losses in fp32
-            extra = sum((v for t, v in losses.items() if t not in balancer.tasks), torch.zeros((), device=device))
-            kpi = task_kpis(balancer.tasks, outputs["final"], targets) if balancer.needs_kpi else None
-            optimizer.zero_grad(set_to_none=True)
-            total = balancer.backward(losses, extra=extra, shared=shared, step=step, epoch=epoch, kpi=kpi)
+        optimizer.zero_grad(set_to_none=True)
+        total, terms = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=step, epoch=epoch,
+                                     device=device, amp=amp)
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite loss {float(total)} at step {step}: {({k: float(v) for k, v in terms.items()})}")
         optimizer.step()
