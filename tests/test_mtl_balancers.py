@@ -301,7 +301,7 @@ def test_every_balancer_trains_inside_finetune_mtl_and_resumes(tmp_path, embedde
     config.write_text(TINY)
     out = tmp_path / "run"
     args = ["--config", str(config), "--data-root", str(embedded_root / "nyud"), "--output-dir", str(out),
-            "--balancer", name, f"model.arch={arch}", "model.depth_init=2.0", "data.auxiliary_tasks=[edge]",
+            "--balancer", name, f"model.arch={arch}", "data.auxiliary_tasks=[edge]",
             "optim.balancer_args={iters: 1}" if name == "auto_magnitude" else "optim.balancer_args={}"]
     first = main(args)
     assert first["balancer"] == name and set(first["balancer_weights"]) == {"semseg", "depth"}
