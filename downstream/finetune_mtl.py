@@ -7,6 +7,7 @@ Examples:
   python downstream/finetune_mtl.py --config configs/nyud/mti_net.yaml --single-task-results runs/nyud_st.json \\
       --weights checkpoint.pth data.root=/data/NYUD_MT                         # Δ_MTL against the single-task runs
   python downstream/finetune_mtl.py --config configs/pascal/mti_net.yaml --weights none --slurm --gpus-per-node 1
+  python downstream/finetune_mtl.py --config configs/nyud/mtl_baseline.yaml --balancer gradnorm 'optim.balancer_args={alpha: 1.5}'
 Any config key can be set as key=value (see downstream/mtl/config.py).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional
 from selfsup.config import load_config, nested_updates
 from selfsup.launcher import add_launch_args, launch, user_errors
 
+from downstream.mtl.balancers import balancer_names
 from downstream.mtl.config import MTLConfig
 from downstream.mtl.train import run_finetune
 
@@ -35,6 +37,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--balancer", help=f"loss balancer of the main tasks (optim.balancer; parameters: optim.balancer_args="
+                                      f"{{alpha: 1.5}}): {', '.join(balancer_names())}; default fixed")
     add_launch_args(p)
     return p.parse_intermixed_args(argv)  # key=value overrides anywhere, also after flags
 
@@ -43,7 +47,8 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Any]:
     return nested_updates({"model.weights": args.weights, "eval.single_task_results": args.single_task_results,
                            "data.root": args.data_root, "output_dir": args.output_dir, "epochs": args.epochs,
                            "data.batch_size": args.batch_size, "optim.lr": args.lr,
-                           "allow_config_change": args.allow_config_change or None})
+                           "allow_config_change": args.allow_config_change or None,
+                           "optim.balancer": args.balancer})
 
 
 def main(argv: Optional[List[str]] = None) -> Any:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from selfsup.config import check_counts
 
@@ -95,6 +95,10 @@ class OptimConfig:
     momentum: float = 0.9
     poly_power: float = 0.9
     loss_weights: Dict[str, float] = field(default_factory=dict)  # override the SPEC defaults per task
+    # loss balancer of the main tasks (downstream/mtl/balancers): fixed | uncertainty | gradnorm | dwa | dtp |
+    # mgda | mgda_ub | auto_magnitude | pcgrad | cagrad; its parameters by name, e.g. {alpha: 1.5}
+    balancer: str = "fixed"
+    balancer_args: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

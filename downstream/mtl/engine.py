@@ -12,6 +12,8 @@ from tqdm import tqdm
 from selfsup.logs import ScalarWriter
 from selfsup.nan_guard import NonFiniteGuard
 
+from .balancers import Balancer, SharedParts, task_kpis
+from .balancers.fixed import Fixed
 from .data import targets_of
 from .losses import MultiTaskLoss
 from .metrics import build_meter, postprocess
@@ -32,17 +34,42 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def balanced_step(model: nn.Module, images: torch.Tensor, targets: Mapping[str, torch.Tensor], criterion: MultiTaskLoss,
+                  balancer: Balancer, *, shared: Optional[SharedParts], step: int, epoch: int, device: torch.device,
+                  amp: bool = True):
+    """Forward, per-task losses, the balancer's backward (gradients in ``.grad``); returns (total, terms).
+
+    The main tasks' losses go to the balancer; the others (auxiliary tasks) are ``extra`` with their config
+    weight. Balancers that reduce the gradients themselves run forward + backward under DDP's ``no_sync()``.
+    """
+    no_sync = getattr(model, "no_sync", None) if balancer.reduces_gradients else None
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        with autocast(device, amp):
+            outputs = model(images)
+        losses, terms = criterion.per_task(outputs, targets)  # losses in fp32
+        extra = sum((v for t, v in losses.items() if t not in balancer.tasks), torch.zeros((), device=device))
+        kpi = task_kpis(balancer.tasks, outputs["final"], targets) if balancer.needs_kpi else None
+        total = balancer.backward(losses, extra=extra, shared=shared, step=step, epoch=epoch, kpi=kpi)
+    return total, terms
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimizer: torch.optim.Optimizer, *,
                     lr_at: Callable[[int], float], step: int, epoch: int, tasks: Sequence[str], device: torch.device,
                     amp: bool = True, channels_last: bool = False, max_iters: int = 0,
                     writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True,
-                    nan_check_every: int = 50) -> int:
+                    nan_check_every: int = 50, balancer: Optional[Balancer] = None,
+                    shared: Optional[SharedParts] = None) -> int:
     """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it.
 
+    ``balancer`` (default: fixed weights) weighs the per-task losses of the tasks it was built for (the main
+    tasks); the other terms (auxiliary tasks, a model's extra losses) enter with their config weight as
+    ``extra``. ``shared`` is what gradient-based balancers need (``SharedParts.of(model)``).
     No step waits on the device: losses are read back at log steps only, the NaN/Inf flag every
-    ``nan_check_every`` steps and at the end of the epoch (before the caller checkpoints)."""
+    ``nan_check_every`` steps and at the end of the epoch (before the caller checkpoints).
+    """
     model.train()
     guard = NonFiniteGuard(nan_check_every)
+    balancer = balancer if balancer is not None else Fixed(list(tasks))
     num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for i, batch in enumerate(loader):
@@ -53,12 +80,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = to_device(batch["image"], device, channels_last)
         targets = targets_of(batch, list(tasks), device)
-        with autocast(device, amp):
-            outputs = model(images)
-        total, terms = criterion(outputs, targets)  # losses in fp32
-        guard.update(total, f"step {step}")
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total, terms = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=step, epoch=epoch,
+                                     device=device, amp=amp)
+        guard.update(total, f"step {step}")
         optimizer.step()
         step += 1
         bar.update()
@@ -68,8 +93,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
             loss_value = float(total.detach())
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
             if writer is not None:
-                writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()}}, step,
-                               prefix="train/")
+                writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()},
+                                **{f"balancer/{t}": w for t, w in balancer.weights().items()}}, step, prefix="train/")
     guard.check(model.parameters())
     bar.close()
     return step

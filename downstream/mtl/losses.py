@@ -73,35 +73,35 @@ def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return TASK_LOSSES[task](pred, target)
 
 
-def add_extra_losses(outputs: Mapping[str, object], total: torch.Tensor, terms: Dict[str, torch.Tensor]):
-    """Add a model's own loss terms (already weighted) to ``total``, logged as ``extra/<name>``.
+def extra_losses(outputs: Mapping[str, object], task_total: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """A model's own loss terms (already weighted), keyed ``extra/<name>``.
 
     ``outputs['extra_losses']`` is ``{name: scalar}`` or a callable ``f(task_total) -> {name: scalar}`` for
-    terms that depend on the task losses (ASTMT's discriminator reads their gradients).
+    terms that depend on the task losses (ASTMT's discriminator reads their gradients). Balancers never weigh
+    them: they enter the total unchanged, like the auxiliary tasks.
     """
     extra = outputs.get("extra_losses")
     if extra is None:
-        return total, terms
-    extra = extra(total) if callable(extra) else extra
-    terms = dict(terms)
-    for name, value in extra.items():
-        terms[f"extra/{name}"] = value
-        total = total + value
-    return total, terms
+        return {}
+    extra = extra(task_total) if callable(extra) else extra
+    return {f"extra/{name}": value for name, value in extra.items()}
 
 
 class MultiTaskLoss(nn.Module):
     """``Σ_t w_t L_t(final)`` over main tasks + ``Σ_scales Σ_t w_t L_t(initial)`` over all supervised tasks.
 
     The model output is ``{'final': {task: pred}, 'initial': [{task: pred}, ...]}`` (``initial`` may be empty).
-    Returns the total and a dict of detached per-term losses for logging.
+    ``forward`` returns the total and a dict of detached per-term losses for logging; :meth:`per_task` returns
+    the per-task losses a balancer weighs: ``L_t = w_t · (final_t + Σ_scales initial_t)``, every term of a task
+    with the task's config weight ``w_t`` (auxiliary tasks only have initial terms).
     """
 
     def __init__(self, weights: Mapping[str, float]) -> None:
         super().__init__()
         self.weights = dict(weights)
 
-    def forward(self, outputs: Mapping[str, object], targets: Mapping[str, torch.Tensor]):
+    def per_task(self, outputs: Mapping[str, object], targets: Mapping[str, torch.Tensor]):
+        """``({task: L_t}, {term: detached loss})`` over every supervised task, final and initial terms."""
         terms: Dict[str, torch.Tensor] = {}
         for task, pred in outputs["final"].items():
             terms[f"final/{task}"] = task_loss(task, pred, targets[task])
@@ -109,6 +109,16 @@ class MultiTaskLoss(nn.Module):
         for scale, preds in enumerate(initial):
             for task, pred in preds.items():
                 terms[f"initial{scale}/{task}"] = task_loss(task, pred, targets[task])
-        total = sum(self.weights[name.split("/")[1]] * value for name, value in terms.items())
-        total, terms = add_extra_losses(outputs, total, terms)
-        return total, {name: value.detach() for name, value in terms.items()}
+        unweighted: Dict[str, torch.Tensor] = {}
+        for name, value in terms.items():
+            task = name.split("/")[1]
+            unweighted[task] = unweighted[task] + value if task in unweighted else value
+        losses = {task: self.weights[task] * value for task, value in unweighted.items()}
+        extra = extra_losses(outputs, sum(losses.values()))
+        losses.update(extra)
+        terms.update(extra)
+        return losses, {name: value.detach() for name, value in terms.items()}
+
+    def forward(self, outputs: Mapping[str, object], targets: Mapping[str, torch.Tensor]):
+        losses, terms = self.per_task(outputs, targets)
+        return sum(losses.values()), terms

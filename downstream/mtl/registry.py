@@ -3,3 +3,4 @@ from selfsup.registry import Registry
 
 ARCHITECTURES = Registry("mtl architecture")
 HEADS = Registry("dense head")
+BALANCERS = Registry("loss balancer")

@@ -24,6 +24,7 @@ from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.rundir import open_run_dir
 from selfsup.schedule import poly_lr
 
+from .balancers import Balancer, SharedParts, build_balancer
 from .config import HARMLESS_KEYS, MTLConfig, depth_init_value
 from .data import build_loaders, dataset_ids, mean_train_depth, resolve_crop_size
 from .edge_metric import edge_eval_ids
@@ -85,11 +86,15 @@ def init_task_checkpoints(cfg: MTLConfig, model: nn.Module) -> None:
     logger.info("task branches from single-task checkpoints: %s", dict(cfg.model.task_checkpoints))
 
 
-def build_optimizer(cfg: MTLConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam / SGD over the trainable parameters; a model with ``param_groups()`` (e.g. ASTMT) gives its own groups,
-    each may carry ``lr_scale`` (the engine sets ``lr = schedule × lr_scale``)."""
+def build_optimizer(cfg: MTLConfig, model: nn.Module, balancer: Balancer | None = None) -> torch.optim.Optimizer:
+    """Adam / SGD over the trainable parameters, plus the balancer's learned ones (uncertainty's log σ²) without
+    weight decay. A model with ``param_groups()`` (e.g. ASTMT) gives its own groups, each may carry ``lr_scale``
+    (the engine sets ``lr = schedule × lr_scale``)."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    params = net.param_groups() if hasattr(net, "param_groups") else [p for p in model.parameters() if p.requires_grad]
+    params = (list(net.param_groups()) if hasattr(net, "param_groups")
+              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    if balancer is not None and list(balancer.parameters()):
+        params.append({"params": list(balancer.parameters()), "weight_decay": 0.0})
     o = cfg.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -119,6 +124,7 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     random.seed(cfg.seed + env.rank)
     np.random.seed(cfg.seed + env.rank)
     tasks = task_set(cfg)
+    balancer = build_balancer(cfg.optim.balancer, tasks=tasks.main, args=cfg.optim.balancer_args)  # fail early
     _check_single_task_reference(cfg, tasks)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=resolve_crop_size(cfg.data)))
     # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
@@ -157,7 +163,9 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
 
     train_loader, val_loader = build_loaders(cfg.data, seed=cfg.seed, distributed=env.world_size > 1)
     criterion = MultiTaskLoss(loss_weights(tasks.dataset, tasks.all, cfg.optim.loss_weights))
-    optimizer = build_optimizer(cfg, model)
+    balancer.to(device)
+    shared = SharedParts.of(net, capture_representation=balancer.needs_representation)
+    optimizer = build_optimizer(cfg, model, balancer)
     iters = len(train_loader) if not cfg.max_iters_per_epoch else min(cfg.max_iters_per_epoch, len(train_loader))
     total_steps = cfg.epochs * iters
     lr_at = lambda step: poly_lr(step, total_steps=total_steps, base_lr=cfg.optim.lr, power=cfg.optim.poly_power)  # noqa: E731
@@ -167,6 +175,8 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         state = load_checkpoint(resume)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if "balancer" in state:
+            balancer.load_state_dict(state["balancer"])
         start_epoch, step = state["epoch"], state["step"]
         set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
@@ -184,10 +194,11 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         step = train_one_epoch(forward_model, train_loader, criterion, optimizer, lr_at=lr_at, step=step, epoch=epoch,
                                tasks=tasks.all, device=device, amp=use_amp, channels_last=channels_last,
                                max_iters=cfg.max_iters_per_epoch, writer=writer, log_every=cfg.log_every,
-                               progress=cfg.progress and env.is_main)
+                               progress=cfg.progress and env.is_main, balancer=balancer, shared=shared)
         if env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint({"epoch": epoch + 1, "step": step, "arch": cfg.model.arch, "model": net.state_dict(),
-                             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_state()},
+                             "optimizer": optimizer.state_dict(), "balancer": balancer.state_dict(), "config": to_dict(cfg),
+                             "rng": rng_state()},
                             out / "checkpoint.pth")
         if env.is_main and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.epochs:
             vis = cfg.vis_every and (epoch + 1) % cfg.vis_every == 0
@@ -204,6 +215,8 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         for t, values in metrics.items():
             writer.scalars(values, step, prefix=f"val/{t}/")
         results = _results(cfg, tasks, metrics, report, train_time)
+        results.update(balancer=cfg.optim.balancer, balancer_args=dict(cfg.optim.balancer_args),
+                       balancer_weights=balancer.weights())
         if results.get("delta_mtl") is not None:
             writer.scalars({"delta_mtl": results["delta_mtl"]}, step, prefix="val/")
         (out / "results.json").write_text(json.dumps(results, indent=2))
