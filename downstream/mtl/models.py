@@ -5,7 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-from . import baseline, mti_net, pad_net  # noqa: F401  (register the architectures)
+from . import baseline, branched, mti_net, pad_net  # noqa: F401  (register the architectures)
 from .encoder import build_encoder
 from .layers import PredictionConv
 from .registry import ARCHITECTURES
@@ -14,15 +14,16 @@ from .tasks import TaskSet
 
 def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output_stride: int = 32, neck: str = "fpn",
                 fpn_channels: int = 256, head: str = "multiscale", head_channels: int = 256, task_channels: int = 64,
-                aspp_rates: Sequence[int] = (12, 24, 36)) -> nn.Module:
+                aspp_rates: Sequence[int] = (12, 24, 36), **arch_options: object) -> nn.Module:
     """E.g. ``build_model("mti_net", tasks=TaskSet("nyud", ("semseg", "depth"), ("normals", "edge")))``.
 
+    ``arch_options`` go to the architecture only (``branched``: ``branching``, ``branch_points``).
     The model maps images [B,3,H,W] to ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
     """
     builder = ARCHITECTURES.get(arch)  # fail before building the encoder on an unknown name
     encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)
     return builder(encoder=encoder, tasks=tasks.main, auxiliary=tasks.auxiliary, channels=tasks.channels(), head=head,
-                   head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates))
+                   head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates), **arch_options)
 
 
 def init_output_bias(model: nn.Module, task: str, value: float) -> int:

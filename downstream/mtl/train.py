@@ -44,7 +44,8 @@ def model_from_config(cfg: MTLConfig, *, arch: str | None = None, tasks: TaskSet
     m = cfg.model
     return build_model(arch or m.arch, tasks=tasks or task_set(cfg), backbone=m.backbone, output_stride=m.output_stride,
                        neck=m.neck, fpn_channels=m.fpn_channels, head=m.head, head_channels=m.head_channels,
-                       task_channels=m.task_channels, aspp_rates=m.aspp_rates)
+                       task_channels=m.task_channels, aspp_rates=m.aspp_rates, branching=m.branching,
+                       branch_points=m.branch_points)
 
 
 def model_report(cfg: MTLConfig) -> Dict[str, Any]:
@@ -115,7 +116,10 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
 
     model = model_from_config(cfg)
     if cfg.model.weights.lower() != "none":
-        load_backbone_weights(model.encoder.backbone, cfg.model.weights)
+        if hasattr(model, "load_backbone_weights"):  # architectures with several backbone copies (branched)
+            model.load_backbone_weights(cfg.model.weights)
+        else:
+            load_backbone_weights(model.encoder.backbone, cfg.model.weights)
         logger.info("backbone weights: %s", cfg.model.weights)
     else:
         logger.info("backbone: random init (--weights none)")
