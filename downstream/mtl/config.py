@@ -50,7 +50,7 @@ class ASTMTConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mti_net"  # single_task | mtl_baseline | pad_net | mti_net | astmt | cross_stitch | nddr | mtan
+    arch: str = "mti_net"  # single_task | mtl_baseline | pad_net | mti_net | astmt | cross_stitch | nddr | mtan | branched
     backbone: str = "resnet18"
     weights: str = "none"  # backbone weights: our / MoCo / torchvision checkpoint, or 'none' (random init)
     output_stride: int = 32  # 8 or 16 with neck=none + head=aspp (DeepLab)
@@ -65,6 +65,10 @@ class ModelConfig:
     fpm_softmax: str = "task"  # MTI-Net FPM softmax: task (the paper) | published (the code: adjacent channels)
     aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])
     num_outputs: Dict[str, int] = field(default_factory=dict)  # override output channels per task
+    # branched: one partition of the tasks (main + auxiliary) per branch point, each refining the one above,
+    # e.g. [[[semseg, depth]], [[semseg, depth]], [[semseg], [depth]], [[semseg], [depth]]] (downstream/branch.py)
+    branching: List[List[List[str]]] = field(default_factory=list)
+    branch_points: List[int] = field(default_factory=lambda: [1, 2, 3, 4])  # backbone stages ending the segments
     # bias of the depth prediction layers: "train_mean" (mean valid depth of up to 64 training images),
     # "none" (PyTorch's default init, the output starts near 0 m) or a depth in metres such as "2.5"
     depth_init: str = "train_mean"

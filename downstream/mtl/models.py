@@ -5,7 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-from . import astmt, baseline, encoder_fusion, mtan, mti_net, pad_net  # noqa: F401  (register the architectures)
+from . import astmt, baseline, branched, encoder_fusion, mtan, mti_net, pad_net  # noqa: F401  (register the architectures)
 from .encoder import build_encoder
 from .layers import PredictionConv
 from .registry import ARCHITECTURES
@@ -21,7 +21,8 @@ def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output
     ``widths`` ('narrow' | 'published') and ``fpm_softmax`` ('task' | 'published') reach the architectures that
     have them (PAD-Net, MTI-Net; see docs/mtl.md). The model maps images [B,3,H,W] to
     ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
-    ``arch_options`` go to the architecture's builder only (e.g. ``astmt_options`` for ASTMT).
+    ``arch_options`` go to the architecture's builder only (e.g. ``astmt_options`` for ASTMT;
+    ``branching``, ``branch_points`` for ``branched``).
     """
     builder = ARCHITECTURES.get(arch)  # fail before building the encoder on an unknown name
     encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)

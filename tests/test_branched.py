@@ -1,0 +1,256 @@
+"""Branched multi-task networks: affinities, tree enumeration and search, the built network, the entry points."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from downstream.mtl.affinity import principal_eigenvector, rdm, rsa_affinity, spearman, tournament_matrix, transfer_affinity
+from downstream.mtl.branched import component_sizes, pooling_above
+from downstream.mtl.flops import count_flops, count_parameters
+from downstream.mtl.models import build_model
+from downstream.mtl.tasks import TaskSet
+from downstream.mtl.tree_search import (beam_search, budget_search, canonical, clustering_cost, complexity_cost,
+                                        enumerate_trees, refines, set_partitions, validate_tree)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(backbone="resnet_tiny", fpn_channels=16, head_channels=16)
+PASCAL3 = TaskSet("pascal_context", ("semseg", "sal", "normals"))
+
+
+def test_rdm_and_spearman_by_hand():
+    # rows: centred, pairwise Pearson -1, 0.5, -0.5
+    feats = np.array([[1.0, 0.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]])
+    np.testing.assert_allclose(rdm(feats), [[0, 2, 0.5], [2, 0, 1.5], [0.5, 1.5, 0]], atol=1e-12)
+    # ranks 1 2 3 4 vs 1 3 2 4: 1 - 6 * 2 / (4 * 15) = 0.8
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 30, 20, 40])) == pytest.approx(0.8)
+    # ties get average ranks: (1, 2.5, 2.5, 4) vs (1, 2, 3, 4) -> Pearson of the ranks = 4.5 / sqrt(4.5 * 5)
+    assert spearman(np.array([1.0, 2, 2, 3]), np.array([1.0, 2, 3, 4])) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
+    # affinity = Spearman of the upper triangles: [2, .5, 1.5] vs [1, 0, 3] -> ranks (3,1,2) vs (2,1,3): 0.5
+    other = np.array([[0, 1, 0], [1, 0, 3], [0, 3, 0]], dtype=float)
+    np.testing.assert_allclose(rsa_affinity([rdm(feats), other]), [[1, 0.5], [0.5, 1]])
+
+
+def test_tournament_matrix_and_principal_eigenvector_by_hand():
+    losses = np.array([[1.0, 1.0, 3.0, 0.5], [2.0, 0.5, 1.0, 1.0]])  # encoder a wins on samples 0 and 3
+    np.testing.assert_allclose(tournament_matrix(losses), [[0, 0.5], [0.5, 0]])
+    # [[0, p], [q, 0]]: eigenvalue sqrt(pq), eigenvector (sqrt p, sqrt q)
+    p, q = 0.8, 0.2
+    np.testing.assert_allclose(principal_eigenvector(np.array([[0, p], [q, 0]])), [2 / 3, 1 / 3])
+    W = np.array([[0, 0.9, 0.7], [0.1, 0, 0.6], [0.3, 0.4, 0]])
+    v = principal_eigenvector(W)
+    lam = (W @ v)[0] / v[0]
+    np.testing.assert_allclose(W @ v, lam * v, atol=1e-10)
+    assert v.sum() == pytest.approx(1.0) and (v > 0).all() and v[0] > v[1]
+    A = transfer_affinity(np.stack([losses, losses[::-1]]))
+    np.testing.assert_allclose(A, A.T)
+
+
+def _brute_force_trees(tasks, depth):
+    partitions = [canonical(p, tasks) for p in set_partitions(tasks)]
+    root = (tuple(tasks),)
+    return {chain for chain in itertools.product(partitions, repeat=depth)
+            if all(refines(chain[d], chain[d - 1] if d else root) for d in range(depth))}
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_enumerated_trees_equal_brute_force(n):
+    tasks = tuple("abcd"[:n])
+    assert len(list(set_partitions(tasks))) == {3: 5, 4: 15}[n]  # Bell numbers
+    trees = enumerate_trees(tasks, 3)
+    assert len(trees) == len(set(trees)) == len(_brute_force_trees(tasks, 3))
+    assert set(trees) == _brute_force_trees(tasks, 3)
+
+
+def _random_dissimilarity(n, depth, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, (depth, n, n))
+    return 1 - (a + a.transpose(0, 2, 1)) / 2
+
+
+def test_budget_respected_and_minimum_cost():
+    tasks = PASCAL3.main
+    model = build_model("branched", tasks=PASCAL3, branching=[[list(tasks)]] * 4, **TINY)
+    components = component_sizes(model, (32, 32))
+    trees = enumerate_trees(tasks, 4)
+    size = {t: components.tree_size(t) for t in trees}
+    dissim = _random_dissimilarity(3, 4)
+    smallest, largest = min(s["params"] for s in size.values()), max(s["params"] for s in size.values())
+    for budget in np.linspace(smallest, largest, 5):
+        best, candidates = budget_search(trees, dissim, tasks, size, budget=budget)
+        assert best.params <= budget
+        assert best.cost == pytest.approx(min(clustering_cost(t, dissim, tasks) for t in trees if size[t]["params"] <= budget))
+    assert budget_search(trees, dissim, tasks, size, budget=smallest - 1)[0] is None
+    best, _ = budget_search(trees, dissim, tasks, size, budget=1e12, measure="flops")
+    assert best.cost == pytest.approx(0.0)  # unlimited: all separate, every cluster a singleton
+
+
+def test_beam_search_with_large_beam_equals_exhaustive():
+    tasks = ("a", "b", "c", "d")
+    dissim = _random_dissimilarity(4, 3, seed=1)
+    pools = [2, 1, 0]
+    for alpha in (0.0, 0.05, 0.3):
+        exhaustive = min(clustering_cost(t, dissim, tasks) + complexity_cost(t, pools, alpha) for t in enumerate_trees(tasks, 3))
+        tree, cost = beam_search(tasks, dissim, pooling_above=pools, alpha=alpha, beam=10_000)[0]
+        assert cost == pytest.approx(exhaustive)
+        assert cost == pytest.approx(clustering_cost(tree, dissim, tasks) + complexity_cost(tree, pools, alpha))
+        greedy = beam_search(tasks, dissim, pooling_above=pools, alpha=alpha, beam=1)[0][1]
+        assert greedy >= cost - 1e-12
+
+
+def test_pooling_above_branch_points():
+    from selfsup.backbones import build_backbone
+
+    assert pooling_above(build_backbone("resnet_tiny"), [1, 2, 3, 4]) == [3, 2, 1, 0]
+    assert pooling_above(build_backbone("resnet_tiny", output_stride=8), [1, 2, 3, 4]) == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("tree", [
+    [[["semseg", "sal", "normals"]], [["semseg", "sal"], ["normals"]], [["semseg", "sal"], ["normals"]],
+     [["semseg"], ["sal"], ["normals"]]],
+    [[["semseg", "normals"], ["sal"]], [["semseg"], ["normals"], ["sal"]], [["semseg"], ["normals"], ["sal"]],
+     [["semseg"], ["normals"], ["sal"]]],
+])
+def test_built_network_size_equals_prediction(tree):
+    model = build_model("branched", tasks=PASCAL3, branching=tree, **TINY)
+    trivial = build_model("branched", tasks=PASCAL3, branching=[[list(PASCAL3.main)]] * 4, **TINY)
+    predicted = component_sizes(trivial, (32, 32)).tree_size(model.tree)
+    assert predicted == {"params": count_parameters(model), "flops": count_flops(model, (32, 32))}
+
+
+def _copy_into_branch(branched, backbone, neck, heads):
+    branched.load_backbone_weights(backbone.state_dict())
+    for n in branched.necks:
+        n.load_state_dict(neck.state_dict())
+    for t, h in heads.items():
+        branched.heads[t].load_state_dict(h.state_dict())
+
+
+def test_all_shared_tree_is_the_mtl_baseline_and_all_separate_the_single_task_set():
+    tasks = PASCAL3.main
+    x = torch.randn(2, 3, 32, 32)
+    baseline = build_model("mtl_baseline", tasks=PASCAL3, **TINY).eval()
+    shared = build_model("branched", tasks=PASCAL3, branching=[[list(tasks)]] * 4, **TINY).eval()
+    assert count_parameters(shared) == count_parameters(baseline)
+    assert sorted(p.shape for p in shared.parameters()) == sorted(p.shape for p in baseline.parameters())
+    _copy_into_branch(shared, baseline.encoder.backbone, baseline.encoder.neck, baseline.heads)
+    with torch.no_grad():
+        for t in tasks:
+            torch.testing.assert_close(shared(x)["final"][t], baseline(x)["final"][t])
+
+    separate = build_model("branched", tasks=PASCAL3, branching=[[[t] for t in tasks]] * 4, **TINY).eval()
+    singles = {t: build_model("single_task", tasks=TaskSet("pascal_context", (t,)), **TINY).eval() for t in tasks}
+    assert count_parameters(separate) == sum(count_parameters(m) for m in singles.values())
+    assert count_flops(separate, (32, 32)) == sum(count_flops(m, (32, 32)) for m in singles.values())
+    for c, t in enumerate(tasks):  # branch c of every segment = task t's single-task backbone
+        st = singles[t]
+        pieces = [st.encoder.backbone.conv1, st.encoder.backbone.bn1]
+        seg0 = separate.segments[0][c]
+        seg0[0].load_state_dict(torch.nn.Sequential(*pieces, torch.nn.ReLU(), torch.nn.MaxPool2d(3)).state_dict())
+        seg0[1].load_state_dict(st.encoder.backbone.layer1.state_dict())
+        for d in (1, 2, 3):
+            separate.segments[d][c][0].load_state_dict(getattr(st.encoder.backbone, f"layer{d + 1}").state_dict())
+        separate.necks[c].load_state_dict(st.encoder.neck.state_dict())
+        separate.heads[t].load_state_dict(st.heads[t].state_dict())
+    with torch.no_grad():
+        out = separate(x)["final"]
+        for t in tasks:
+            torch.testing.assert_close(out[t], singles[t](x)["final"][t])
+
+
+def test_branches_start_from_the_given_weights(tmp_path):
+    from selfsup.backbones import build_backbone
+
+    backbone = build_backbone("resnet_tiny")
+    path = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), path)
+    tree = [[["semseg", "sal", "normals"]], [["semseg"], ["sal", "normals"]], [["semseg"], ["sal"], ["normals"]],
+            [["semseg"], ["sal"], ["normals"]]]
+    model = build_model("branched", tasks=PASCAL3, branching=tree, **TINY)
+    model.load_backbone_weights(str(path))
+    for copy in model.segments[3]:
+        torch.testing.assert_close(copy[0].state_dict()["0.conv1.weight"], backbone.layer4[0].conv1.weight)
+    assert len(model.segments[2]) == 3 and len(model.shared_parameters()) > 0
+
+
+@pytest.mark.parametrize("tree,match", [
+    ([[["semseg", "sal"]], [["semseg", "sal"]], [["semseg"], ["sal"]], [["semseg"], ["sal"]]], "not a partition"),
+    ([[["semseg", "sal", "normals"]]] * 3, "one partition per branch point"),
+    ([[["semseg"], ["sal", "normals"]], [["semseg", "sal"], ["normals"]], [["semseg"], ["sal"], ["normals"]],
+      [["semseg"], ["sal"], ["normals"]]], "does not refine"),
+])
+def test_bad_tree_is_rejected(tree, match):
+    with pytest.raises(ValueError, match=match):
+        validate_tree(tree, PASCAL3.main, 4)
+    with pytest.raises(ValueError, match="model.branching"):
+        build_model("branched", tasks=PASCAL3, branching=tree, **TINY)
+
+
+TINY_RUN = """
+epochs: 1
+max_iters_per_epoch: 2
+progress: false
+vis_every: 0
+data:
+  dataset: pascal_context
+  tasks: [semseg, sal]
+  batch_size: 4
+  eval_batch_size: 4
+  num_workers: 0
+  max_train_images: 8
+  max_val_images: 4
+model:
+  backbone: resnet_tiny
+  fpn_channels: 16
+  head_channels: 16
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_affinity_branch_and_finetune_entry_points(tmp_path, embedded_root):
+    """task_affinity.py (rsa, then transfer on the same single-task runs) -> branch.py -> finetune_mtl.py (resume)."""
+    from downstream.finetune_mtl import main as finetune
+    from downstream.task_affinity import main as task_affinity
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    root = str(embedded_root / "pascal_context")
+    st = tmp_path / "st.json"
+    rsa = task_affinity(["--config", str(config), "--data-root", root, "--output-dir", str(tmp_path / "rsa"),
+                         "--num-images", "5", "--single-task-results", str(st), "eval.edge_thresholds=5"])
+    assert rsa["affinity"].shape == (4, 2, 2) and rsa["num_images"] == 5
+    np.testing.assert_allclose(np.diagonal(rsa["affinity"], axis1=1, axis2=2), 1.0)
+    assert set(json.loads(st.read_text())) == {"semseg", "sal"}
+    assert len(list((tmp_path / "rsa").glob("affinity_rsa_stage*.png"))) == 4
+    transfer = task_affinity(["--config", str(config), "--data-root", root, "--output-dir", str(tmp_path / "tr"),
+                              "--method", "transfer", "--num-images", "3", "--transfer-steps", "1",
+                              "--single-task-runs", str(tmp_path / "rsa" / "single_task"), "--branch-points", "2", "4"])
+    assert transfer["affinity"].shape == (2, 2, 2) and transfer["losses"].shape == (2, 2, 2, 3)
+
+    cmd = [sys.executable, str(REPO / "downstream" / "branch.py"), "--affinity", str(tmp_path / "rsa" / "affinity.npz"),
+           "--budget-params", "1e12", "--output-dir", str(tmp_path / "tree")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Pareto front" in proc.stdout and (tmp_path / "tree" / "tree.png").is_file()
+    assert json.loads((tmp_path / "tree" / "tree.json").read_text())["tree"][0] == [["semseg"], ["sal"]]
+    proc = subprocess.run(cmd[:-4] + ["--budget-params", "10"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: no tree fits --budget-params 10")
+
+    from selfsup.backbones import build_backbone
+    weights = tmp_path / "backbone.pth"
+    torch.save(build_backbone("resnet_tiny").state_dict(), weights)
+    args = ["--config", str(tmp_path / "tree" / "branched.yaml"), "--output-dir", str(tmp_path / "run"),
+            "--weights", str(weights), "--single-task-results", str(st), "eval.edge_thresholds=5"]
+    first = finetune(args)
+    assert first["arch"] == "branched" and isinstance(first["delta_mtl"], float)
+    report = json.loads((tmp_path / "run" / "model_report.json").read_text())
+    assert report["params"] == report["single_task_params"]  # the all-separate tree = the single-task set
+    again = finetune(args)  # resumes from the finished run's checkpoint
+    assert again["metrics"] == first["metrics"]
+    with pytest.raises(SystemExit, match="error: .*model.branching"):
+        finetune(args + ["model.branching=[[[semseg]],[[sal]],[[sal]],[[sal]]]", "--output-dir", str(tmp_path / "bad")])
