@@ -307,7 +307,7 @@ def test_every_balancer_trains_inside_finetune_mtl_and_resumes(tmp_path, embedde
     assert first["balancer"] == name and set(first["balancer_weights"]) == {"semseg", "depth"}
     assert all(math.isfinite(w) for w in first["balancer_weights"].values())
     state = torch.load(out / "checkpoint.pth", weights_only=True)["balancer"]
-    resumed = main(args[:-1] + ["epochs=2", args[-1]])  # resumes after epoch 1 with the saved balancer state
+    resumed = main(args[:-1] + ["epochs=2", "allow_config_change=true", args[-1]])  # resumes after epoch 1 with the saved balancer state
     assert "resumed from" in (out / "log_rank0.txt").read_text()
     assert resumed["balancer"] == name and resumed["epochs"] == 2
     if name in ("fixed", "dwa"):  # DWA needs two finished epochs before its weights move

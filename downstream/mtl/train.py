@@ -165,7 +165,11 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     train_loader, val_loader = build_loaders(cfg.data, seed=cfg.seed, distributed=env.world_size > 1)
     criterion = MultiTaskLoss(loss_weights(tasks.dataset, tasks.all, cfg.optim.loss_weights))
     balancer.to(device)
-    shared = SharedParts.of(net, capture_representation=balancer.needs_representation)
+    if getattr(net, "encoder", None) is None and cfg.optim.balancer != "fixed":
+        raise ValueError(f"optim.balancer={cfg.optim.balancer} needs a shared encoder; model.arch={cfg.model.arch} has "
+                         "none (use optim.balancer=fixed)")
+    shared = (SharedParts.of(net, capture_representation=balancer.needs_representation)
+              if getattr(net, "encoder", None) is not None else None)
     optimizer = build_optimizer(cfg, model, balancer)
     iters = len(train_loader) if not cfg.max_iters_per_epoch else min(cfg.max_iters_per_epoch, len(train_loader))
     total_steps = cfg.epochs * iters

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from selfsup.augment.config import AugmentConfig
-from selfsup.config import check_counts, nested_updates
+from selfsup.config import ConfigError, check_counts, nested_updates
 
 
 @dataclass
@@ -36,7 +36,9 @@ class MocoConfig:
 
     def __post_init__(self) -> None:
         check_counts(self, "moco.", positive=("queue_size", "temperature"),
-                     non_negative=("momentum", "knn_k", "knn_weight", "knn_warmup_epochs"))
+                     non_negative=("momentum", "knn_k", "knn_weight"))
+        if self.knn_warmup_epochs < -1:
+            raise ConfigError(f"moco.knn_warmup_epochs={self.knn_warmup_epochs!r}: must be >= 0, or -1 (the SPEC default)")
 
 
 @dataclass
