@@ -35,10 +35,10 @@ GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_
 GPU_WHEELS = $(shell grep -E '^(kornia|submitit)==' requirements.txt) kornia_rs==0.2.0
 
 gpu-wheels:
-	rm -rf .whl .whl.part
+	rm -rf .whl.part
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
 	    --python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl.part $(GPU_WHEELS)
-	mv .whl.part .whl
+	rm -rf .whl && mv .whl.part .whl  # one version of each: two stop the install there
 	@ls -s .whl && du -sh .whl
 
 slurm-start:

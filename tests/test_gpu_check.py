@@ -95,7 +95,7 @@ def test_make_gpu_wheels_downloads_the_pinned_wheels_for_the_device():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(360)  # ~25 s CPU (six interpreter starts) on the 2-core box, ~60 s wall when it is loaded
+@pytest.mark.timeout(360)  # ~30 s CPU (mostly six interpreters importing torch), ~60 s wall on the loaded 2-core box
 def test_smoke_dry_run_exercises_every_step(tmp_path):
     out = tmp_path / "out"
     env = dict(run_env(), PYTHON=PYTHON, OUT=str(out), OMP_NUM_THREADS="1")
