@@ -278,3 +278,29 @@ def test_affinity_branch_and_finetune_entry_points(tmp_path, embedded_root):
     assert again["metrics"] == first["metrics"]
     with pytest.raises(SystemExit, match="error: .*model.branching"):
         finetune(args + ["model.branching=[[[semseg]],[[sal]],[[sal]],[[sal]]]", "--output-dir", str(tmp_path / "bad")])
+
+
+def test_tree_and_heatmap_labels_fit(tmp_path):
+    """Full task names: every label line fits its box, boxes of one row do not overlap, heat-map cells fit a name."""
+    from PIL import Image
+
+    from downstream.mtl.tree_plot import affinity_heatmap, draw_tree, heatmap_cell, text_width, tree_layout
+
+    tasks = ("semseg", "human_parts", "sal", "normals", "edge")
+    tree = ((tasks,), ((tasks[0], tasks[1], tasks[2], tasks[4]), (tasks[3],)),
+            ((tasks[0], tasks[1]), (tasks[2], tasks[4]), (tasks[3],)), tuple((t,) for t in tasks))
+    tree = validate_tree(tree, tasks, 4)
+    boxes, (width, height) = tree_layout(tree)
+    assert len(boxes) == 1 + sum(len(p) for p in tree)
+    for b in boxes:
+        assert 0 <= b.x0 < b.x1 <= width and b.y1 <= height
+        assert all(text_width(line) <= b.x1 - b.x0 for line in b.lines)
+        assert b.depth == 0 or b.lines == b.cluster  # full names, one per line
+    for d in range(1, 5):
+        row = sorted((b for b in boxes if b.depth == d), key=lambda b: b.x0)
+        assert all(a.x1 < b.x0 for a, b in zip(row, row[1:]))
+    assert heatmap_cell(tasks) >= max(text_width(t) for t in tasks)
+    draw_tree(tree, tmp_path / "tree.png", level_names=["a", "b", "c", "d"])
+    affinity_heatmap(np.eye(5), list(tasks), tmp_path / "heat.png", title="t")
+    assert Image.open(tmp_path / "tree.png").size == (width, height)
+    assert Image.open(tmp_path / "heat.png").size[0] >= 5 * heatmap_cell(tasks)
