@@ -78,10 +78,11 @@ def _query_parameters(config: Mapping[str, Any]) -> List[Tuple[str, torch.Size]]
     """(name, shape) of the query encoder's parameters in the order our optimiser holds them (built on the meta
     device: no memory, no compute)."""
     from selfsup.config import merge
-    from selfsup.moco.config import PretrainConfig
+    from selfsup.moco.config import ModelConfig
     from selfsup.moco.model import Encoder
 
-    cfg = merge(PretrainConfig(), config).model
+    cfg = merge(ModelConfig(), config.get("model", {}), prefix="model.")  # the model section only: other sections
+    # of an older run's config may hold keys this version no longer knows
     with torch.device("meta"):
         encoder = Encoder(build_backbone(cfg.arch), hidden_dim=cfg.hidden_dim, out_dim=cfg.dim, head_bn=cfg.head_bn)
     return [(name, p.shape) for name, p in encoder.named_parameters()]
@@ -101,13 +102,17 @@ def moco_optimizer_state(checkpoint: Mapping[str, Any], *, source: object = "che
                               f"to parameters")
     if not isinstance(opt, Mapping) or "param_groups" not in opt or "state" not in opt:
         raise CheckpointError(f"{source}: no optimizer state in the checkpoint")
+    model = checkpoint.get("model")
+    if not isinstance(model, Mapping) or "key_queue" not in model or not any(k.startswith("encoder_k.") for k in model):
+        raise CheckpointError(f"{source}: not a training checkpoint (no key encoder or queue), so main_moco.py "
+                              f"cannot resume from it")
     optim_name = config.get("optim", {}).get("name", "sgd")
     if optim_name != "sgd":
         raise CheckpointError(f"{source}: trained with optim.name={optim_name}; the official MoCo scripts resume an SGD "
                               f"state (momentum buffers)")
     try:
         params = _query_parameters(config)
-    except (TypeError, ValueError, KeyError) as err:
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(f"{source}: its 'config' does not describe a model ({err})") from None
     if len(opt["param_groups"]) != 1 or len(opt["param_groups"][0]["params"]) != len(params):
         held = sum(len(g["params"]) for g in opt["param_groups"])

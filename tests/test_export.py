@@ -103,6 +103,10 @@ def test_moco_export_without_what_the_optimizer_needs(run, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="selfsup.export"):
         out = export.export_backbone(tmp_path / "noconfig.pth", fmt="moco", out=tmp_path / "b.pth.tar")
     assert torch.load(out, weights_only=True)["optimizer"] == {} and "optimizer state not exported" in caplog.text
+    query_only = dict(run["state"], model={k: v for k, v in run["state"]["model"].items() if k.startswith("encoder_q.")})
+    ckpt.save_checkpoint(query_only, tmp_path / "query_only.pth")
+    with pytest.raises(ckpt.CheckpointError, match="not a training checkpoint"):
+        export.export_backbone(tmp_path / "query_only.pth", fmt="moco", out=tmp_path / "q.pth.tar", optimizer=True)
     adamw = dict(run["state"], config={**run["state"]["config"], "optim": {"name": "adamw"}})
     ckpt.save_checkpoint(adamw, tmp_path / "adamw.pth")
     with pytest.raises(ckpt.CheckpointError, match="optim.name=adamw"):
