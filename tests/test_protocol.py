@@ -10,7 +10,8 @@ from PIL import Image
 from selfsup.data import PascalContextMT, generate_datasets
 from selfsup.data.pascal_context import PERSON_CLASS_IND, normals_valid_labels
 
-REFERENCE = Path(__file__).resolve().parents[1] / "ssl" / "data" / "reference"
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "ssl" / "data" / "reference"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,11 @@ def test_edge_ods_agrees_with_an_independent_seism_implementation(pascal_root):
 
 
 def test_edge_evaluation_ids(caplog):
+    from downstream.mtl.config import EvalConfig
     from downstream.mtl.edge_metric import edge_eval_ids
+
+    defaults = EvalConfig()  # SEISM: the test subset, 99 thresholds, matching within 0.0075 x diagonal
+    assert (defaults.edge_ids, defaults.edge_thresholds, defaults.edge_tolerance) == ("seism", 99, 0.0075)
 
     seism = sorted((REFERENCE / "pascal_context_edge_test_ids.txt").read_text().split())
     real_val = seism[:3] + ["2008_999999"]
@@ -275,3 +280,18 @@ def test_knn_warmup_defaults_follow_the_run_length():
         cfg = load_config(PretrainConfig, updates={"train": {"epochs": epochs}})
         assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == expected
     assert knn_warmup_epochs(3, 800) == 3  # an explicit value wins
+    # whichever way the epochs are given: YAML, --epochs, key=value (the default -1 resolves at run time)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_cli", REPO / "launch" / "pretrain.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from selfsup.moco.config import flags_to_updates
+
+    given = {"yaml": dict(yaml_path=REPO / "configs" / "pretrain" / "moco_coco_800ep.yaml"),
+             "flag": dict(updates=flags_to_updates(cli.parse_args(["--epochs", "800"]))),
+             "key=value": dict(overrides=["train.epochs=800"])}
+    for way, kwargs in given.items():
+        cfg = load_config(PretrainConfig, **kwargs)
+        assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == 20, way
+    cfg = load_config(PretrainConfig, updates=flags_to_updates(cli.parse_args(["--epochs", "800", "--knn-warmup-epochs", "0"])))
+    assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == 0
