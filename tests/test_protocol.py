@@ -170,7 +170,8 @@ def test_edge_evaluation_ids(caplog):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("arch,extra", [("mti_net", {}), ("mtl_baseline", dict(neck="none", head="aspp", output_stride=8,
-                                                                               aspp_rates=(2, 4, 6)))])
+                                                                               aspp_rates=(2, 4, 6))),
+                                        ("astmt", {})])  # ASTMT: per-task SE blocks (global pooling)
 def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
     from torch.utils.data import DataLoader
 
@@ -185,6 +186,9 @@ def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
     assert len({ds[i]["meta"]["size"] for i in range(len(ds))}) > 1  # mixed sizes: batches are padded
     torch.manual_seed(0)
     kwargs = dict(backbone="resnet_tiny", fpn_channels=16, head_channels=16, task_channels=8, **extra)
+    if arch == "astmt":
+        from downstream.mtl.config import MTLConfig
+        kwargs["astmt_options"] = MTLConfig().model.astmt
     model = build_model(arch, tasks=tasks, **kwargs)
     results = [evaluate(model, DataLoader(ds, batch_size=b, collate_fn=collate_padded), tasks=tasks.main,
                         num_outputs=tasks.channels(), device=torch.device("cpu"), progress=False) for b in (1, 4)]
