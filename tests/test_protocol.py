@@ -272,6 +272,11 @@ def test_mti_net_published_widths_fpm_softmax_and_aspp():
     assert [p.non_linear[0].conv2.out_channels for p in narrow.propagation] == [8, 8, 8]  # max(C, N*C/4), as before
     with pytest.raises(ValueError, match="fpm_reduction"):
         build_model("mti_net", tasks=tasks, backbone="resnet_tiny", neck="none", fpm_reduction=-1)
+    from downstream.mtl.config import MTLConfig
+    from selfsup.config import ConfigError, load_config
+    assert load_config(MTLConfig, updates={"model": {"fpm_reduction": 4}}).model.fpm_reduction == 4
+    with pytest.raises(ConfigError, match="model.fpm_reduction"):
+        load_config(MTLConfig, updates={"model": {"fpm_reduction": -1}})
     torch.manual_seed(0)
     fpm = FeaturePropagation(tasks=("a", "b"), channels=4, softmax="task").eval()
     published = FeaturePropagation(tasks=("a", "b"), channels=4, softmax="published").eval()
