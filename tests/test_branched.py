@@ -360,3 +360,19 @@ def test_every_balancer_steps_a_branched_network(name):
     assert all(math.isfinite(w) for w in balancer.weights().values())
     if name == "mgda_ub":
         assert [tuple(z.shape) for z in shared.representation] == [(2, 32, 4, 4)]
+
+
+def test_branched_trains_with_a_gradient_balancer_through_finetune_mtl(tmp_path, embedded_root):
+    from downstream.finetune_mtl import main as finetune
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    args = ["--config", str(config), "--data-root", str(embedded_root / "pascal_context"), "--weights", "none",
+            "model.arch=branched", "max_iters_per_epoch=1", "eval.edge_thresholds=5"]
+    tree = "model.branching=[[[semseg,sal]],[[semseg,sal]],[[semseg],[sal]],[[semseg],[sal]]]"
+    result = finetune(args + [tree, "--balancer", "pcgrad", "--output-dir", str(tmp_path / "run")])
+    assert result["balancer"] == "pcgrad" and all(math.isfinite(w) for w in result["balancer_weights"].values())
+    separate = "model.branching=[[[semseg],[sal]],[[semseg],[sal]],[[semseg],[sal]],[[semseg],[sal]]]"
+    with pytest.raises(SystemExit, match=r"^error: optim.balancer=mgda_ub needs the output of a part shared by all "
+                                         r"tasks, model.arch=branched has none \(model.branching splits"):
+        finetune(args + [separate, "--balancer", "mgda_ub", "--output-dir", str(tmp_path / "bad")])
