@@ -67,7 +67,7 @@ class SharedParts:
             return model.shared_parts(capture_representation=capture_representation)
         encoder = getattr(model, "encoder", None)
         if encoder is None:
-            raise ValueError(f"{type(model).__name__} has no .encoder: balancers need the shared encoder")
+            raise ValueError(f"{type(model).__name__} has no shared .encoder")
         params = [p for p in encoder.parameters() if p.requires_grad]
         ids = {id(p) for p in params}
         other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
