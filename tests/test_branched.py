@@ -1,6 +1,7 @@
 """Branched multi-task networks: affinities, tree enumeration and search, the built network, the entry points."""
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,74 @@ def test_tree_and_heatmap_labels_fit(tmp_path):
     affinity_heatmap(np.eye(5), list(tasks), tmp_path / "heat.png", title="t")
     assert Image.open(tmp_path / "tree.png").size == (width, height)
     assert Image.open(tmp_path / "heat.png").size[0] >= 5 * heatmap_cell(tasks)
+
+
+NYUD3 = TaskSet("nyud", ("semseg", "depth", "edge"))
+SPLIT_AFTER_2 = [[["semseg", "depth", "edge"]]] * 2 + [[["semseg", "depth"], ["edge"]], [["semseg"], ["depth"], ["edge"]]]
+
+
+def test_branched_shared_parts_are_the_all_shared_segments():
+    from downstream.mtl.balancers import SharedParts
+
+    model = build_model("branched", tasks=NYUD3, branching=SPLIT_AFTER_2, **TINY)
+    parts = SharedParts.of(model, capture_representation=True)
+    shared = {id(p) for d in (0, 1) for p in model.segments[d].parameters()}  # stem + stages 1, 2
+    assert {id(p) for p in parts.params} == shared and len(parts.params) + len(parts.other) == len(list(model.parameters()))
+    last_conv = [m for m in model.segments[1].modules() if isinstance(m, torch.nn.Conv2d)][-1]  # of stage 2
+    assert [id(p) for p in parts.last_layer] == [id(p) for p in last_conv.parameters()]
+    model(torch.randn(2, 3, 32, 32))
+    assert [tuple(z.shape) for z in parts.representation] == [(2, 32, 4, 4)]  # stage-2 output, stride 8
+    # never splitting: the shared parts are the MTL baseline's encoder (backbone + FPN; last layer its output convs)
+    baseline = SharedParts.of(build_model("mtl_baseline", tasks=NYUD3, **TINY))
+    whole = SharedParts.of(build_model("branched", tasks=NYUD3, branching=[[list(NYUD3.main)]] * 4, **TINY))
+    assert [p.shape for p in whole.params] == [p.shape for p in baseline.params]
+    assert [p.shape for p in whole.last_layer] == [p.shape for p in baseline.last_layer]
+    split = build_model("branched", tasks=NYUD3, branching=[[["semseg", "depth"], ["edge"]]] + SPLIT_AFTER_2[3:] * 3, **TINY)
+    with pytest.raises(ValueError, match="splits the tasks at the first branch point"):
+        SharedParts.of(split)
+
+
+@pytest.mark.parametrize("name", ["fixed", "uncertainty", "gradnorm", "dwa", "dtp", "mgda", "mgda_ub",
+                                  "auto_magnitude", "pcgrad", "cagrad"])
+def test_every_balancer_steps_a_branched_network(name):
+    from downstream.mtl.balancers import build_balancer
+    from downstream.mtl.engine import balanced_step
+    from downstream.mtl.losses import MultiTaskLoss
+    from downstream.mtl.tasks import loss_weights
+    from downstream.mtl.train import balancer_shared_parts
+
+    torch.manual_seed(0)
+    model = build_model("branched", tasks=NYUD3, branching=SPLIT_AFTER_2, **TINY)
+    balancer = build_balancer(name, tasks=NYUD3.main)
+    cfg = type("Cfg", (), {"optim": type("O", (), {"balancer": name}), "model": type("M", (), {"arch": "branched"})})
+    shared = balancer_shared_parts(cfg, model, balancer)
+    assert (shared is None) == (not balancer.needs_shared)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    targets = {"semseg": torch.randint(0, 40, (2, 32, 32), generator=g), "depth": torch.rand(2, 1, 32, 32, generator=g) + 1,
+               "edge": (torch.rand(2, 1, 32, 32, generator=g) > 0.8).float()}
+    criterion = MultiTaskLoss(loss_weights("nyud", NYUD3.main))
+    total, _ = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=0, epoch=0,
+                             device=torch.device("cpu"), amp=False)
+    assert torch.isfinite(total)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(math.isfinite(w) for w in balancer.weights().values())
+    if name == "mgda_ub":
+        assert [tuple(z.shape) for z in shared.representation] == [(2, 32, 4, 4)]
+
+
+def test_branched_trains_with_a_gradient_balancer_through_finetune_mtl(tmp_path, embedded_root):
+    from downstream.finetune_mtl import main as finetune
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    args = ["--config", str(config), "--data-root", str(embedded_root / "pascal_context"), "--weights", "none",
+            "model.arch=branched", "max_iters_per_epoch=1", "eval.edge_thresholds=5"]
+    tree = "model.branching=[[[semseg,sal]],[[semseg,sal]],[[semseg],[sal]],[[semseg],[sal]]]"
+    result = finetune(args + [tree, "--balancer", "pcgrad", "--output-dir", str(tmp_path / "run")])
+    assert result["balancer"] == "pcgrad" and all(math.isfinite(w) for w in result["balancer_weights"].values())
+    separate = "model.branching=[[[semseg],[sal]],[[semseg],[sal]],[[semseg],[sal]],[[semseg],[sal]]]"
+    with pytest.raises(SystemExit, match=r"^error: optim.balancer=mgda_ub needs the output of a part shared by all "
+                                         r"tasks, model.arch=branched has none \(model.branching splits"):
+        finetune(args + [separate, "--balancer", "mgda_ub", "--output-dir", str(tmp_path / "bad")])

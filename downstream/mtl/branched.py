@@ -26,6 +26,7 @@ from selfsup.checkpoint import load_backbone_weights as load_into_backbone
 from selfsup.config import ConfigError
 from selfsup.hrnet import HRNetBackbone
 
+from .balancers.base import SharedParts
 from .encoder import Encoder
 from .flops import count_parameters
 from .heads import build_head
@@ -160,9 +161,40 @@ class BranchedNetwork(nn.Module):
         auxiliary = {t: preds[t] for t in self.auxiliary}
         return {"final": {t: preds[t] for t in self.tasks}, "initial": [auxiliary] if auxiliary else []}
 
+    def shared_depth(self) -> int:
+        """How many leading segments every task goes through (0 when the first partition already splits)."""
+        return next((d for d, partition in enumerate(self.tree) if len(partition) > 1), len(self.tree))
+
+    def shared_modules(self) -> List[nn.Module]:
+        """The segments every task goes through (the first holds the stem), plus the neck when the tree never
+        splits (then they are exactly the MTL baseline's encoder); empty when the first partition splits."""
+        depth = self.shared_depth()
+        return [self.segments[d] for d in range(depth)] + ([self.necks[0]] if depth == len(self.tree) else [])
+
     def shared_parameters(self) -> List[nn.Parameter]:
-        """Parameters of the segments every task goes through (empty when the first partition already splits)."""
-        return [p for d, partition in enumerate(self.tree) if len(partition) == 1 for p in self.segments[d].parameters()]
+        """Parameters of :meth:`shared_modules` (empty when the first partition already splits)."""
+        return [p for m in self.shared_modules() for p in m.parameters()]
+
+    def shared_parts(self, *, capture_representation: bool = False) -> SharedParts:
+        """What the balancers touch. Shared parameters: :meth:`shared_parameters`; last shared layer: the FPN's
+        output convs when the neck is shared, else the last conv of the deepest shared segment; representation:
+        the output of the deepest shared module (the neck's maps, else the deepest shared stage's output)."""
+        modules = self.shared_modules()
+        if not modules:
+            raise ValueError(f"model.branching splits the tasks at the first branch point ({list(map(list, self.tree[0]))}): "
+                             "every branch has its own stem, no layer is shared by all tasks")
+        params = [p for p in self.shared_parameters() if p.requires_grad]
+        ids = {id(p) for p in params}
+        other = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        output_layers = getattr(modules[-1], "output", None)  # a shared FPN
+        if output_layers is None:
+            output_layers = [m for seg in modules for m in seg.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1:]
+        last = [p for m in output_layers for p in m.parameters() if p.requires_grad]
+        parts = SharedParts(params=params, last_layer=last, other=other)
+        if capture_representation:
+            neck_shared = self.shared_depth() == len(self.tree)
+            parts.capture_output_of(self.necks[0] if neck_shared else self.segments[self.shared_depth() - 1][0][-1])
+        return parts
 
     def load_backbone_weights(self, source: Union[str, Mapping[str, Any]]) -> None:
         """Initialise every branch from the same backbone weights (any format ``load_backbone_weights`` reads)."""

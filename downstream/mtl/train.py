@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from selfsup.checkpoint import last_checkpoint, load_backbone_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from selfsup.config import save_config, to_dict
+from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import barrier, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.rundir import open_run_dir
@@ -104,6 +104,20 @@ def build_optimizer(cfg: MTLConfig, model: nn.Module, balancer: Balancer | None 
     raise ValueError(f"unknown optimizer {o.optimizer!r}; known: adam, sgd")
 
 
+def balancer_shared_parts(cfg: MTLConfig, net: nn.Module, balancer: Balancer) -> SharedParts | None:
+    """The shared parts the balancer works on (None for the loss-weighting ones, which need none); a one-line
+    error naming ``optim.balancer`` when the model shares nothing between all its tasks."""
+    if not balancer.needs_shared:
+        return None
+    try:
+        return SharedParts.of(net, capture_representation=balancer.needs_representation)
+    except ValueError as err:
+        what = "the output of a part shared by all tasks" if balancer.needs_representation else \
+            "parameters shared by all tasks"
+        raise ConfigError(f"optim.balancer={cfg.optim.balancer} needs {what}, model.arch={cfg.model.arch} has none "
+                          f"({err}); use a loss-weighting balancer: fixed, uncertainty, dwa, dtp, auto_magnitude") from None
+
+
 def _check_single_task_reference(cfg: MTLConfig, tasks: TaskSet) -> None:
     """Fail before training when an MTL run cannot compute Δ_MTL at the end."""
     if cfg.eval.single_task_results and cfg.model.arch != "single_task":
@@ -165,11 +179,7 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     train_loader, val_loader = build_loaders(cfg.data, seed=cfg.seed, distributed=env.world_size > 1)
     criterion = MultiTaskLoss(loss_weights(tasks.dataset, tasks.all, cfg.optim.loss_weights))
     balancer.to(device)
-    if getattr(net, "encoder", None) is None and cfg.optim.balancer != "fixed":
-        raise ValueError(f"optim.balancer={cfg.optim.balancer} needs a shared encoder; model.arch={cfg.model.arch} has "
-                         "none (use optim.balancer=fixed)")
-    shared = (SharedParts.of(net, capture_representation=balancer.needs_representation)
-              if getattr(net, "encoder", None) is not None else None)
+    shared = balancer_shared_parts(cfg, net, balancer)
     optimizer = build_optimizer(cfg, model, balancer)
     iters = len(train_loader) if not cfg.max_iters_per_epoch else min(cfg.max_iters_per_epoch, len(train_loader))
     total_steps = cfg.epochs * iters

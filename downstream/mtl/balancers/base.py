@@ -59,10 +59,15 @@ class SharedParts:
 
     @classmethod
     def of(cls, model: nn.Module, *, capture_representation: bool = False) -> "SharedParts":
-        """``model.encoder`` is the shared part; its last layer is the FPN's output convs, else its last conv/linear."""
+        """``model.encoder`` is the shared part; its last layer is the FPN's output convs, else its last conv/linear.
+
+        A model without one encoder (``branched``) gives its own through ``model.shared_parts(capture_representation=)``.
+        """
+        if hasattr(model, "shared_parts"):
+            return model.shared_parts(capture_representation=capture_representation)
         encoder = getattr(model, "encoder", None)
         if encoder is None:
-            raise ValueError(f"{type(model).__name__} has no .encoder: balancers need the shared encoder")
+            raise ValueError(f"{type(model).__name__} has no shared .encoder")
         params = [p for p in encoder.parameters() if p.requires_grad]
         ids = {id(p) for p in params}
         other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
@@ -73,10 +78,14 @@ class SharedParts:
         last = [p for m in output_layers for p in m.parameters() if p.requires_grad]
         parts = cls(params=params, last_layer=last, other=other)
         if capture_representation:
-            def hook(_module, _inputs, output):
-                parts.representation = list(output) if isinstance(output, (list, tuple)) else [output]
-            encoder.register_forward_hook(hook)
+            parts.capture_output_of(encoder)
         return parts
+
+    def capture_output_of(self, module: nn.Module) -> None:
+        """From now on ``representation`` is ``module``'s output of the last forward (a forward hook)."""
+        def hook(_module, _inputs, output):
+            self.representation = list(output) if isinstance(output, (list, tuple)) else [output]
+        module.register_forward_hook(hook)
 
 
 def task_gradients(losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -125,6 +134,7 @@ class Balancer(nn.Module):
     """
 
     reduces_gradients = False  # True: writes and all-reduces every gradient itself (engine: DDP no_sync)
+    needs_shared = False  # True: backward uses SharedParts (shared parameters, last shared layer or representation)
     needs_representation = False  # True: SharedParts.representation is captured at each forward
     needs_kpi = False  # True: the engine passes kpi = per-task KPIs of the batch in (0, 1) (dtp)
 
@@ -171,6 +181,7 @@ class GradientBalancer(Balancer):
     """
 
     reduces_gradients = True
+    needs_shared = True
 
     def coefficients(self, gram: torch.Tensor, *, step: int) -> torch.Tensor:
         """[T] float64 coefficients from the [T, T] float64 Gram matrix of the task gradients."""

@@ -30,6 +30,8 @@ def gradnorm_step(weights: torch.Tensor, norms: torch.Tensor, ratios: torch.Tens
 
 @BALANCERS.register("gradnorm")
 class GradNorm(Balancer):
+    needs_shared = True
+
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(tasks)
         self.alpha, self.lr = float(alpha), float(lr)

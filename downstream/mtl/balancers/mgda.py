@@ -87,7 +87,7 @@ class MGDA(GradientBalancer):
 
 @BALANCERS.register("mgda_ub")
 class MGDAUpperBound(Balancer):
-    needs_representation = True
+    needs_shared = needs_representation = True
 
     def __init__(self, tasks: Sequence[str], normalize: str = "none") -> None:
         super().__init__(tasks)
