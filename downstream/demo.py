@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from selfsup.config import load_config, save_config, to_dict
+from selfsup.config import check_counts, load_config, save_config, to_dict
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +46,19 @@ class DemoConfig:
     probe_size: int = 64
     probe_images: int = 2000  # the embedded object set the probes read (the pretraining kNN monitor's set)
     retrieval_fit_stride: int = 1
+    # the embedded data: generator seed, image height and images per dense format (NYUD, VOC; DAVIS gets
+    # num // 25 videos); the object set has probe_images images. Another seed/size checks that the orderings hold.
+    data_seed: int = 0
+    data_size: int = 96
+    data_num: int = 200
     threads: int = 0  # torch threads (0: leave as is)
     # seed-to-seed spread per row (max - min over >= 3 seeds, the larger of the two arms), measured offline
     spread: Dict[str, float] = field(default_factory=dict)
     spread_command: str = ""
 
     def __post_init__(self) -> None:
+        check_counts(self, "", positive=("probe_epochs", "probe_size", "probe_images", "retrieval_fit_stride",
+                                         "data_size", "data_num"), non_negative=("threads",))
         unknown = [s for s in self.steps if s not in STEPS]
         if unknown:
             raise ValueError(f"steps: unknown {', '.join(unknown)}; known: {', '.join(STEPS)}")
@@ -118,6 +125,18 @@ class Chain:
         path.write_text(json.dumps(result, indent=2))
         return result
 
+    def data(self, fmt: str) -> str:
+        """The embedded ``fmt`` folder at this demo's data seed and size (generated on first use)."""
+        from selfsup.data import ensure_embedded_data
+
+        num = self.cfg.probe_images if fmt == "classification" else self.cfg.data_num
+        root = ensure_embedded_data(size=self.cfg.data_size, num=num, seed=self.cfg.data_seed, formats=(fmt,))
+        return str(root / fmt)
+
+    def pretrain_overrides(self) -> List[str]:
+        objects = self.data("classification")  # pretraining images (labels unused) and the kNN monitor's set
+        return [f"data.root={objects}", f"data.knn_monitor_root={objects}"] + list(self.cfg.pretrain_overrides)
+
     # --- steps -------------------------------------------------------------------------------------------
     def pretrain(self) -> Path:
         from selfsup.moco.config import PretrainConfig
@@ -130,7 +149,7 @@ class Chain:
             return path
         run_dir = self.out / "pretrain"
         pcfg = load_config(PretrainConfig, yaml_path=_path(self.cfg.pretrain_config),
-                           overrides=list(self.cfg.pretrain_overrides) + [f"output_dir={run_dir}"])
+                           overrides=self.pretrain_overrides() + [f"output_dir={run_dir}"])
         done = run_dir / "pretrain.json"
         if not done.is_file() and "pretrain" in self.cfg.steps:
             print(f"\n== pretrain: python launch/pretrain.py --config {self.cfg.pretrain_config} --output-dir {run_dir}"
@@ -167,7 +186,7 @@ class Chain:
         def compute() -> Dict[str, Any]:
             run_dir = self.out / arm / "finetune"
             overrides = [f"model.backbone={self.arch()}", f"seed={self.cfg.seed}", f"output_dir={run_dir}",
-                         f"model.weights={weights}"] + list(self.cfg.finetune_overrides)
+                         f"model.weights={weights}", f"data.root={self.data('nyud')}"] + list(self.cfg.finetune_overrides)
             print(f"python downstream/finetune_mtl.py --config {self.cfg.finetune_config} {' '.join(overrides)}",
                   flush=True)
             mcfg = load_config(MTLConfig, yaml_path=_path(self.cfg.finetune_config), overrides=overrides)
@@ -179,11 +198,10 @@ class Chain:
         torch.manual_seed(self.cfg.seed)  # the random-init backbone of this seed
 
     def probes(self, arm: str, weights: str) -> Dict[str, Any]:
-        from selfsup.data import ensure_embedded_data
         from downstream.evaluation.protocols import extract_probe_features, run_probes
 
         def compute() -> Dict[str, Any]:
-            root = str(ensure_embedded_data(num=self.cfg.probe_images, formats=("classification",)) / "classification")
+            root = self.data("classification")
             self._seeded(arm)
             feats = extract_probe_features(["knn", "linear"], arch=self.arch(), weights=weights, root=root,
                                            size=self.cfg.probe_size, workers=1)
@@ -197,7 +215,7 @@ class Chain:
         from downstream.evaluation.propagation import run_propagation
 
         def compute() -> Dict[str, Any]:
-            dataset = DAVIS2017("embedded", split="val")
+            dataset = DAVIS2017(self.data("davis2017"), split="val")
             out = self.out / arm / "davis"
             self._seeded(arm)
             speed = run_propagation(dense_extractor(self.arch(), weights), dataset, out)
@@ -211,11 +229,11 @@ class Chain:
         from downstream.evaluation.retrieval import run_retrieval
 
         def compute() -> Dict[str, Any]:
-            out = self.out / arm / "retrieval"
+            out, voc = self.out / arm / "retrieval", self.data("voc2012")
             out.mkdir(parents=True, exist_ok=True)
             self._seeded(arm)
-            result = run_retrieval(dense_extractor(self.arch(), weights), VOC2012Segmentation("embedded", split="train"),
-                                   VOC2012Segmentation("embedded", split="val"), seed=self.cfg.seed,
+            result = run_retrieval(dense_extractor(self.arch(), weights), VOC2012Segmentation(voc, split="train"),
+                                   VOC2012Segmentation(voc, split="val"), seed=self.cfg.seed,
                                    fit_stride=self.cfg.retrieval_fit_stride, figure=str(out / "retrieval.png"))
             return {k: v for k, v in result.items() if k != "iou_per_class"}
         return self.cached("retrieval", arm, compute)

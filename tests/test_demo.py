@@ -37,6 +37,8 @@ def test_demo_config_rejects_unknown_keys_and_steps(repo):
     assert {r.name for r in ROWS} >= set(cfg.spread)  # every measured spread names a row
     with pytest.raises(ValueError, match="probe_epoch"):
         load_demo_config(str(repo / "configs" / "demo.yaml"), ["probe_epoch=3"])
+    with pytest.raises(ValueError, match="data_num=0: must be > 0"):
+        load_demo_config(None, ["data_num=0"])
     with pytest.raises(ValueError, match="unknown pretrian"):
         load_demo_config(None, ["steps=[pretrian]"])
 
