@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast slurm-start slurm-stop clean
+.PHONY: setup demo test test-fast gpu-wheels slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,20 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"
 
+# Wheels the GPU device machine lacks (it has no network; its image has torch, numpy, cloudpickle, ...): the
+# requirements.txt pins of kornia and submitit plus kornia's kornia_rs, built for the device's CPython, into the
+# ignored folder .whl/ (~7 MiB), which travels with the run (carry .whl); launch/gpu_check.sh installs them.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_WHEELS = $(shell grep -E '^(kornia|submitit)==' requirements.txt) kornia_rs==0.2.0
+
+gpu-wheels:
+	rm -rf .whl.part
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+	    --python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl.part $(GPU_WHEELS)
+	rm -rf .whl && mv .whl.part .whl  # one version of each: two stop the install there
+	@ls -s .whl && du -sh .whl
+
 slurm-start:
 	bash tests/slurm/cluster.sh start
 
@@ -34,4 +48,4 @@ slurm-stop:
 	bash tests/slurm/cluster.sh stop
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .whl .whl.part

@@ -44,6 +44,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--widths", default="published", choices=["published", "narrow"],
                    help="PAD-Net / MTI-Net block widths: the published code's, or model.task_channels everywhere")
     p.add_argument("--fpm-softmax", default="task", choices=["task", "published"], help="MTI-Net FPM softmax axis")
+    p.add_argument("--fpm-reduction", type=int, default=0, help="MTI-Net FPM stack width N*C/this; 0: the widths' "
+                   "default (published: 1, the paper's table; narrow: 4); 4 with published widths = the released code")
     p.add_argument("--narrow", action="store_true", help="16-channel FPN and heads, 8-channel task features (CPU tests)")
     p.add_argument("--costs-only", action="store_true", help="print the params/FLOPs table and skip the timing")
     p.add_argument("--output", help="write the results as JSON here")
@@ -58,7 +60,8 @@ def main(argv: Optional[List[str]] = None) -> list:
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolution algorithms once
     modes = ["fp32", "bf16_cl"] + (["bf16_cl_compile"] if args.compile else [])
     tasks = TaskSet(args.dataset, tuple(args.tasks), tuple(args.aux))
-    model_kwargs = {"neck": args.neck, "widths": args.widths, "fpm_softmax": args.fpm_softmax, **(TINY if args.narrow else {})}
+    model_kwargs = {"neck": args.neck, "widths": args.widths, "fpm_softmax": args.fpm_softmax,
+                    "fpm_reduction": args.fpm_reduction, **(TINY if args.narrow else {})}
     common = dict(tasks=tasks, backbone=args.arch, size=(args.height, args.width), model_kwargs=model_kwargs)
     costs = architecture_costs(args.models, **common)
     print(f"# params / FLOPs per image at {args.height}x{args.width}, relative to the single-task set")

@@ -7,8 +7,10 @@
 #      with torch.compile if time is left;
 #   4. one table of img/s and the targets (launch/gpu_report.py); exit 0 only if every target is met.
 #
+#   make gpu-wheels                     # here, with network: kornia/kornia_rs/submitit wheels into .whl/
 #   bash launch/gpu_check.sh            # on the GPU machine (see docs/benchmarks.md for the device command)
-#   bash launch/gpu_check.sh --smoke    # dry run of the same steps on the CPU with tiny sizes
+#   bash launch/gpu_check.sh --smoke    # dry run of the same steps on the CPU: tiny sizes, no torch.compile
+# Wheels in .whl/ are installed into a temporary folder first when kornia or submitit is missing.
 # Outputs (logs, JSON, the table) go to $OUT if set (the device tool's folder), else a temporary folder.
 set -uo pipefail
 
@@ -16,7 +18,7 @@ SMOKE=0
 for arg in "$@"; do
     case "$arg" in
         --smoke) SMOKE=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: error: unknown argument '$arg' (expected --smoke or --help)" >&2; exit 2 ;;
     esac
 done
@@ -33,7 +35,21 @@ ln -s "$REPO/downstream" "$WORK/shim/downstream"
 export PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export SCENESSL_DATA="$WORK/data_cache"
 START=$SECONDS
-CORES=$(nproc)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone honours OMP_NUM_THREADS
+
+# The device image lacks kornia and submitit and has no network: install the wheels of `make gpu-wheels`.
+WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('kornia', 'submitit')))"
+then
+    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+        echo "gpu_check.sh: error: kornia or submitit is missing and $WHEELS holds no wheels (run 'make gpu-wheels' and carry .whl)" >&2
+        exit 1
+    fi
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-deps --no-compile --no-cache-dir \
+        --target "$WORK/site" "$WHEELS"/*.whl \
+        || { echo "gpu_check.sh: error: could not install the wheels of $WHEELS" >&2; exit 1; }
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
 
 if [ "$SMOKE" = 1 ]; then
     DEVICE=cpu
@@ -50,7 +66,15 @@ else
          --warmup 5 --device cuda)
     TESTS=(-q -rs -p no:cacheprovider)
 fi
-"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+if [ "$SMOKE" = 1 ]; then  # versions from the metadata: importing torch here would cost seconds of the dry run
+    "$PY" -c "from importlib.metadata import version as v; print(*(f'{m} {v(m)}' for m in ('torch', 'torchvision', 'kornia', 'submitit')))"
+else
+    "$PY" -c "import sys, torch, torchvision, kornia, submitit
+print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'kornia', kornia.__version__,
+      'submitit', submitit.__version__, 'cuda', torch.cuda.is_available())
+sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { echo "gpu_check.sh: error: no CUDA device or a missing package (on a CPU machine use --smoke)" >&2; exit 1; }
+fi
 
 echo "== 1. gpu tests"
 "$PY" -m pytest "${TESTS[@]}" -m gpu "$REPO/tests/test_gpu.py" 2>&1 | tee "$RESULTS/gpu_tests.log"
@@ -69,7 +93,9 @@ done
 echo "== 3. multi-task training throughput (elapsed $((SECONDS - START)) s)"
 "$PY" "$REPO/downstream/bench_mtl.py" "${MTL[@]}" --output "$RESULTS/mtl.json" 2>&1 | tee "$RESULTS/mtl.log"
 MTL_JSON=("$RESULTS/mtl.json")
-if [ "$SMOKE" = 1 ] || [ $((SECONDS - START)) -lt 330 ]; then
+if [ "$SMOKE" = 1 ]; then
+    echo "skipping MTI-Net + torch.compile: smoke run (compiling on the CPU costs most of the dry run)"
+elif [ $((SECONDS - START)) -lt 330 ]; then
     "$PY" "$REPO/downstream/bench_mtl.py" "${MTL[@]}" --models mti_net --compile --output "$RESULTS/mtl_compile.json" \
         2>&1 | tee "$RESULTS/mtl_compile.log" && MTL_JSON+=("$RESULTS/mtl_compile.json")
 else

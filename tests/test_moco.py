@@ -211,6 +211,11 @@ def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
     if "--knn" in extra:
         assert state["config"]["moco"]["knn_k"] == 4 and state["model"]["backbone_queue"].shape[0] == 64
         assert state["config"]["augment"]["num_small"] == 2
+        from selfsup.export import export_backbone  # a real run's checkpoint exports resumable for main_ours.py
+        moco = torch.load(export_backbone(out / "checkpoint.pth", fmt="moco", out=tmp_path / "m.pth.tar", optimizer=True),
+                          weights_only=True)
+        assert moco["state_dict"]["module.queue_backbone"].shape == state["model"]["backbone_queue"].t().shape
+        assert len(moco["optimizer"]["state"]) == len(state["optimizer"]["state"]) > 0
     else:
         assert (out / "log_rank1.txt").is_file()  # the second process ran
     res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), str(out / "checkpoint.pth"), "--format",

@@ -10,7 +10,8 @@ from PIL import Image
 from selfsup.data import PascalContextMT, generate_datasets
 from selfsup.data.pascal_context import PERSON_CLASS_IND, normals_valid_labels
 
-REFERENCE = Path(__file__).resolve().parents[1] / "ssl" / "data" / "reference"
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "ssl" / "data" / "reference"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,11 @@ def test_edge_ods_agrees_with_an_independent_seism_implementation(pascal_root):
 
 
 def test_edge_evaluation_ids(caplog):
+    from downstream.mtl.config import EvalConfig
     from downstream.mtl.edge_metric import edge_eval_ids
+
+    defaults = EvalConfig()  # SEISM: the test subset, 99 thresholds, matching within 0.0075 x diagonal
+    assert (defaults.edge_ids, defaults.edge_thresholds, defaults.edge_tolerance) == ("seism", 99, 0.0075)
 
     seism = sorted((REFERENCE / "pascal_context_edge_test_ids.txt").read_text().split())
     real_val = seism[:3] + ["2008_999999"]
@@ -165,7 +170,8 @@ def test_edge_evaluation_ids(caplog):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("arch,extra", [("mti_net", {}), ("mtl_baseline", dict(neck="none", head="aspp", output_stride=8,
-                                                                               aspp_rates=(2, 4, 6)))])
+                                                                               aspp_rates=(2, 4, 6))),
+                                        ("astmt", {})])  # ASTMT: per-task SE blocks (global pooling)
 def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
     from torch.utils.data import DataLoader
 
@@ -180,6 +186,9 @@ def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
     assert len({ds[i]["meta"]["size"] for i in range(len(ds))}) > 1  # mixed sizes: batches are padded
     torch.manual_seed(0)
     kwargs = dict(backbone="resnet_tiny", fpn_channels=16, head_channels=16, task_channels=8, **extra)
+    if arch == "astmt":
+        from downstream.mtl.config import MTLConfig
+        kwargs["astmt_options"] = MTLConfig().model.astmt
     model = build_model(arch, tasks=tasks, **kwargs)
     results = [evaluate(model, DataLoader(ds, batch_size=b, collate_fn=collate_padded), tasks=tasks.main,
                         num_outputs=tasks.channels(), device=torch.device("cpu"), progress=False) for b in (1, 4)]
@@ -233,11 +242,12 @@ def test_published_model_sizes_reproduce_the_relative_costs():
 
     tasks = TaskSet("nyud", ("semseg", "depth"))
     # relative params/FLOPs do not depend on the input size: 120x160 stands for 480x640 here (docs/mtl.md has both)
-    costs = architecture_costs(["mtl_baseline", "pad_net"], tasks=tasks, backbone="hrnet18", size=(120, 160),
-                               model_kwargs=dict(neck="none", widths="published"))
+    costs = architecture_costs(["mtl_baseline", "pad_net", "mti_net"], tasks=tasks, backbone="hrnet18",
+                               size=(120, 160), model_kwargs=dict(neck="none", widths="published"))
     single = {k: v for k, v in costs.items() if k.startswith("single_task")}
     assert abs(sum(c["params"] for c in single.values()) / 1e6 - 8.0) < 0.3  # paper: ST set 8.0M
-    paper = {"mtl_baseline": (-50, -45), "pad_net": (-15, 204)}
+    # MTI-Net: the FPM's f two residual blocks N*C wide (fpm_reduction 1); the released code's N*C/4 gives +9%/-23%
+    paper = {"mtl_baseline": (-50, -45), "pad_net": (-15, 204), "mti_net": (57, -13)}
     for arch, (params, flops) in paper.items():
         r = relative_report(arch, costs[arch], single)
         assert abs(r["params_rel"] - params) <= 5 and abs(r["flops_rel"] - flops) <= 5, (arch, r)
@@ -254,6 +264,19 @@ def test_mti_net_published_widths_fpm_softmax_and_aspp():
     enc = model.encoder.channels
     widths = [block[-1].conv2.out_channels for block in (m["semseg"] for m in model.initial_features)]
     assert widths == enc and [p.reduce.conv2.out_channels for p in model.propagation] == enc[1:]
+    # FPM stack: N*C wide by default (the paper's f and its cost table), N*C/4 with fpm_reduction=4 (released code)
+    assert [p.non_linear[0].conv2.out_channels for p in model.propagation] == [2 * c for c in enc[1:]]
+    code = build_model("mti_net", tasks=tasks, backbone="resnet_tiny", neck="none", widths="published", fpm_reduction=4)
+    assert [p.non_linear[0].conv2.out_channels for p in code.propagation] == [2 * c // 4 for c in enc[1:]]
+    narrow = build_model("mti_net", tasks=tasks, backbone="resnet_tiny", neck="none", widths="narrow", task_channels=8)
+    assert [p.non_linear[0].conv2.out_channels for p in narrow.propagation] == [8, 8, 8]  # max(C, N*C/4), as before
+    with pytest.raises(ValueError, match="fpm_reduction"):
+        build_model("mti_net", tasks=tasks, backbone="resnet_tiny", neck="none", fpm_reduction=-1)
+    from downstream.mtl.config import MTLConfig
+    from selfsup.config import ConfigError, load_config
+    assert load_config(MTLConfig, updates={"model": {"fpm_reduction": 4}}).model.fpm_reduction == 4
+    with pytest.raises(ConfigError, match="model.fpm_reduction"):
+        load_config(MTLConfig, updates={"model": {"fpm_reduction": -1}})
     torch.manual_seed(0)
     fpm = FeaturePropagation(tasks=("a", "b"), channels=4, softmax="task").eval()
     published = FeaturePropagation(tasks=("a", "b"), channels=4, softmax="published").eval()
@@ -275,3 +298,18 @@ def test_knn_warmup_defaults_follow_the_run_length():
         cfg = load_config(PretrainConfig, updates={"train": {"epochs": epochs}})
         assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == expected
     assert knn_warmup_epochs(3, 800) == 3  # an explicit value wins
+    # whichever way the epochs are given: YAML, --epochs, key=value (the default -1 resolves at run time)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_cli", REPO / "launch" / "pretrain.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from selfsup.moco.config import flags_to_updates
+
+    given = {"yaml": dict(yaml_path=REPO / "configs" / "pretrain" / "moco_coco_800ep.yaml"),
+             "flag": dict(updates=flags_to_updates(cli.parse_args(["--epochs", "800"]))),
+             "key=value": dict(overrides=["train.epochs=800"])}
+    for way, kwargs in given.items():
+        cfg = load_config(PretrainConfig, **kwargs)
+        assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == 20, way
+    cfg = load_config(PretrainConfig, updates=flags_to_updates(cli.parse_args(["--epochs", "800", "--knn-warmup-epochs", "0"])))
+    assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == 0

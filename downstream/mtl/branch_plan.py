@@ -20,8 +20,8 @@ from selfsup.config import ConfigError, merge, save_config, to_dict
 from .branched import component_sizes, pooling_above
 from .config import MTLConfig
 from .data import resolve_crop_size
-from .tree_search import (Candidate, ComponentSizes, Tree, beam_search, budget_search, clustering_cost, enumerate_trees,
-                          format_tree, pareto_front, tree_to_lists)
+from .tree_search import (Candidate, ComponentSizes, Tree, beam_search, budget_search, cheapest, clustering_cost,
+                          enumerate_trees, format_tree, pareto_front, tree_to_lists)
 
 
 def save_affinity(path: Union[str, Path], result: Mapping[str, object], cfg: MTLConfig) -> Path:
@@ -83,9 +83,9 @@ def search(affinity: Mapping[str, object], cfg: MTLConfig, *, budget_params: Opt
             backbone = build_backbone(cfg.model.backbone, output_stride=cfg.model.output_stride)
         pools = pooling_above(backbone, cfg.model.branch_points)
         kept = beam_search(tasks, dissim, pooling_above=pools, alpha=alpha, beam=beam)
-        tree, cost = kept[0]
         candidates = [Candidate(t, clustering_cost(t, dissim, tasks), size[t]["params"], size[t]["flops"]) for t in trees]
-        chosen = Candidate(tree, cost, size[tree]["params"], size[tree]["flops"])
+        # among the kept trees tied with the best: the fewer params (tree_search's tie-break)
+        chosen = cheapest([Candidate(t, c, size[t]["params"], size[t]["flops"]) for t, c in kept], order=trees)
         extra = {"pooling_above": pools, "alpha": alpha, "beam": beam}
     else:
         measure, budget = ("params", budget_params) if budget_params is not None else ("flops", budget_flops)

@@ -63,6 +63,9 @@ class ModelConfig:
     # head_channels (the published code); narrow: task_channels everywhere (cheap CPU runs)
     widths: str = "published"
     fpm_softmax: str = "task"  # MTI-Net FPM softmax: task (the paper) | published (the code: adjacent channels)
+    # MTI-Net FPM non-linear stack width = N*C / fpm_reduction; 0 = the widths' default (published: 1, the paper's
+    # f, which its params/FLOPs table measures; narrow: 4); 4 with widths=published = the released code
+    fpm_reduction: int = 0
     aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])
     num_outputs: Dict[str, int] = field(default_factory=dict)  # override output channels per task
     # branched: one partition of the tasks (main + auxiliary) per branch point, each refining the one above,
@@ -78,7 +81,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         depth_init_value(self.depth_init)  # fail at config time on a bad value
-        check_counts(self, "model.", positive=("output_stride", "fpn_channels", "head_channels", "task_channels"))
+        check_counts(self, "model.", positive=("output_stride", "fpn_channels", "head_channels", "task_channels"),
+                     non_negative=("fpm_reduction",))
 
 
 def depth_init_value(depth_init: str) -> Optional[float]:

@@ -15,11 +15,12 @@ from .tasks import TaskSet
 def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output_stride: int = 32, neck: str = "fpn",
                 fpn_channels: int = 256, head: str = "multiscale", head_channels: int = 256, task_channels: int = 64,
                 aspp_rates: Sequence[int] = (12, 24, 36), widths: str = "narrow", fpm_softmax: str = "task",
-                **arch_options: object) -> nn.Module:
+                fpm_reduction: int = 0, **arch_options: object) -> nn.Module:
     """E.g. ``build_model("mti_net", tasks=TaskSet("nyud", ("semseg", "depth"), ("normals", "edge")))``.
 
-    ``widths`` ('narrow' | 'published') and ``fpm_softmax`` ('task' | 'published') reach the architectures that
-    have them (PAD-Net, MTI-Net; see docs/mtl.md). The model maps images [B,3,H,W] to
+    ``widths`` ('narrow' | 'published'), ``fpm_softmax`` ('task' | 'published') and ``fpm_reduction`` (MTI-Net's
+    FPM width divisor, 0 = the widths' default) reach the architectures that have them (PAD-Net, MTI-Net; see
+    docs/mtl.md). The model maps images [B,3,H,W] to
     ``{'final': {main task: [B,c,H,W]}, 'initial': [{task: [B,c,H,W]}, ...]}``.
     ``arch_options`` go to the architecture's builder only (e.g. ``astmt_options`` for ASTMT;
     ``branching``, ``branch_points`` for ``branched``).
@@ -28,7 +29,7 @@ def build_model(arch: str, *, tasks: TaskSet, backbone: str = "resnet18", output
     encoder = build_encoder(backbone=backbone, output_stride=output_stride, neck=neck, fpn_channels=fpn_channels)
     return builder(encoder=encoder, tasks=tasks.main, auxiliary=tasks.auxiliary, channels=tasks.channels(), head=head,
                    head_channels=head_channels, task_channels=task_channels, aspp_rates=tuple(aspp_rates),
-                   widths=widths, fpm_softmax=fpm_softmax, **arch_options)
+                   widths=widths, fpm_softmax=fpm_softmax, fpm_reduction=fpm_reduction, **arch_options)
 
 
 def init_output_bias(model: nn.Module, task: str, value: float) -> int:

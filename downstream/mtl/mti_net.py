@@ -24,6 +24,9 @@ from .registry import ARCHITECTURES
 
 FPM_SOFTMAX = ("task", "published")
 WIDTHS = ("narrow", "published")
+# default width divisor of the FPM's non-linear stack: published = the paper's f (N*C wide; reproduces its
+# params/FLOPs table, docs/mtl.md), narrow = N*C/4 (at least C); the released code divides by 4 (fpm_reduction=4)
+FPM_REDUCTION = {"published": 1, "narrow": 4}
 
 
 class FeaturePropagation(nn.Module):
@@ -61,14 +64,19 @@ class FeaturePropagation(nn.Module):
 
 class MTINet(nn.Module):
     """``widths="published"``: the task features of scale s have the encoder's channels at s (18/36/72/144 on
-    HRNet-18) and the FPM's non-linear stack is N*C/4 wide, as in the published code; ``"narrow"``:
-    ``task_channels`` at every scale (cheap CPU runs)."""
+    HRNet-18) and the FPM's non-linear stack is N*C/``fpm_reduction`` wide: 1 by default (two residual blocks on
+    the N*C concat, as the paper describes f; the model its params/FLOPs table measures), 4 as in the released
+    code. ``"narrow"``: ``task_channels`` at every scale and an FPM stack max(C, N*C/``fpm_reduction``) wide,
+    ``fpm_reduction`` 4 by default (cheap CPU runs). ``fpm_reduction=0``: the default of ``widths``."""
 
     def __init__(self, encoder: Encoder, *, tasks: Sequence[str], auxiliary: Sequence[str], channels: Mapping[str, int],
-                 task_channels: int = 64, widths: str = "narrow", fpm_softmax: str = "task") -> None:
+                 task_channels: int = 64, widths: str = "narrow", fpm_softmax: str = "task",
+                 fpm_reduction: int = 0) -> None:
         super().__init__()
         if widths not in WIDTHS:
             raise ValueError(f"model.widths={widths!r}: expected one of {', '.join(WIDTHS)}")
+        if isinstance(fpm_reduction, bool) or not isinstance(fpm_reduction, int) or fpm_reduction < 0:
+            raise ValueError(f"model.fpm_reduction={fpm_reduction!r}: expected an integer >= 1 (0 = the widths' default)")
         self.tasks, self.auxiliary = tuple(tasks), tuple(auxiliary)
         all_tasks = (*self.tasks, *self.auxiliary)
         in_ch = encoder.channels
@@ -80,10 +88,11 @@ class MTINet(nn.Module):
             for s in range(4))
         self.initial_predictions = nn.ModuleList(
             nn.ModuleDict({t: PredictionConv(C[s], channels[t]) for t in all_tasks}) for s in range(4))
+        N = len(all_tasks)
+        reduction = fpm_reduction or FPM_REDUCTION[widths]
+        hidden = [max(1, N * c // reduction) if widths == "published" else max(c, N * c // reduction) for c in C]
         self.propagation = nn.ModuleList(
-            FeaturePropagation(tasks=all_tasks, channels=C[s], softmax=fpm_softmax,
-                               hidden=max(1, len(all_tasks) * C[s] // 4) if widths == "published" else 0)
-            for s in range(1, 4))
+            FeaturePropagation(tasks=all_tasks, channels=C[s], softmax=fpm_softmax, hidden=hidden[s]) for s in range(1, 4))
         self.distillation = nn.ModuleList(
             MultiModalDistillation(targets=self.tasks, sources=all_tasks, channels=C[s]) for s in range(4))
         self.heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(sum(C), sum(C), 1), PredictionConv(sum(C), channels[t]))
@@ -114,7 +123,8 @@ class MTINet(nn.Module):
 
 @ARCHITECTURES.register("mti_net")
 def mti_net(*, encoder: Encoder, tasks: Sequence[str], auxiliary: Sequence[str] = (), channels: Mapping[str, int],
-            task_channels: int = 64, widths: str = "narrow", fpm_softmax: str = "task", **_: object) -> MTINet:
+            task_channels: int = 64, widths: str = "narrow", fpm_softmax: str = "task", fpm_reduction: int = 0,
+            **_: object) -> MTINet:
     """MTI-Net: initial predictions at 4 scales, FPM, per-scale distillation, aggregation."""
     return MTINet(encoder, tasks=tasks, auxiliary=auxiliary, channels=channels, task_channels=task_channels,
-                  widths=widths, fpm_softmax=fpm_softmax)
+                  widths=widths, fpm_softmax=fpm_softmax, fpm_reduction=fpm_reduction)

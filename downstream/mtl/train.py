@@ -48,8 +48,8 @@ def model_from_config(cfg: MTLConfig, *, arch: str | None = None, tasks: TaskSet
     return build_model(arch or m.arch, tasks=tasks or task_set(cfg), backbone=m.backbone, output_stride=m.output_stride,
                        neck=m.neck, fpn_channels=m.fpn_channels, head=m.head, head_channels=m.head_channels,
                        task_channels=m.task_channels, aspp_rates=m.aspp_rates, widths=m.widths,
-                       fpm_softmax=m.fpm_softmax, astmt_options=m.astmt, branching=m.branching,
-                       branch_points=m.branch_points)
+                       fpm_softmax=m.fpm_softmax, fpm_reduction=m.fpm_reduction, astmt_options=m.astmt,
+                       branching=m.branching, branch_points=m.branch_points)
 
 
 def model_report(cfg: MTLConfig) -> Dict[str, Any]:

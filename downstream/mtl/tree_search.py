@@ -10,6 +10,13 @@ Two published variants (SPEC §2):
 * transfer affinity + complexity (branched-networks paper): ``cost = Σ_d [C_cluster^d + α·(b_d − 1)·2^{p_d}]``
   with b_d the number of branches at depth d and p_d the pooling layers above it; a top-down search keeps the
   n best groupings per depth (:func:`beam_search`).
+
+Ties. Costs closer than :data:`COST_TOLERANCE` are equal (a Spearman correlation of two identical rankings can
+come out as 1 − 1e-16 instead of 1, and the all-separate tree always costs exactly 0, so rounding noise alone
+would otherwise pick between genuinely tied trees). Among equal-cost trees the choice is, in this order: fewer
+parameters, fewer FLOPs, then the enumeration order of :func:`enumerate_trees`. With
+tied affinities the search thus shares as much as it can: an unlimited budget on two tasks whose affinity is 1
+at every branch point gives the all-shared tree, not the all-separate one.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import numpy as np
 Cluster = Tuple[str, ...]
 Partition = Tuple[Cluster, ...]
 Tree = Tuple[Partition, ...]
+
+COST_TOLERANCE = 1e-9  # costs closer than this are ties (see the module docstring)
 
 
 def set_partitions(items: Sequence[str]) -> Iterator[Partition]:
@@ -129,8 +138,18 @@ def budget_search(trees: Sequence[Tree], dissimilarity: np.ndarray, tasks: Seque
     candidates = [Candidate(t, clustering_cost(t, dissimilarity, tasks), int(size[t]["params"]), int(size[t]["flops"]))
                   for t in trees]
     fitting = [c for c in candidates if getattr(c, measure) <= budget]
-    best = min(fitting, key=lambda c: (c.cost, getattr(c, measure))) if fitting else None
-    return best, candidates
+    return cheapest(fitting, order=trees), candidates
+
+
+def cheapest(candidates: Sequence[Candidate], *, order: Sequence[Tree] = ()) -> Optional[Candidate]:
+    """The minimum-cost candidate; ties (within :data:`COST_TOLERANCE`) go to fewer params, fewer FLOPs, then the
+    position in ``order`` (the enumeration order; trees missing from it come last, by their canonical form)."""
+    if not candidates:
+        return None
+    low = min(c.cost for c in candidates)
+    position = {t: i for i, t in enumerate(order)}
+    tied = [c for c in candidates if c.cost <= low + COST_TOLERANCE]
+    return min(tied, key=lambda c: (c.params, c.flops, position.get(c.tree, len(position)), c.tree))
 
 
 def beam_search(tasks: Sequence[str], dissimilarity: np.ndarray, *, pooling_above: Sequence[int], alpha: float,
@@ -138,7 +157,9 @@ def beam_search(tasks: Sequence[str], dissimilarity: np.ndarray, *, pooling_abov
     """Top-down search: at each depth expand every kept tree into all refinements, keep the ``beam`` cheapest.
 
     The cost of a tree is additive over depths, so a partial tree's cost is final for the depths it has.
-    Returns the kept trees with their cost, cheapest first (ties broken by fewer branches, then order).
+    Returns the kept trees with their cost, cheapest first. Partial trees have no size yet, so ties (costs equal
+    up to :data:`COST_TOLERANCE`) go to fewer branches, then the enumeration order; pick among the returned trees
+    with :func:`cheapest` to prefer the fewer parameters among the tied ones.
     """
     if beam < 1:
         raise ValueError(f"--beam must be >= 1, got {beam}")
@@ -151,7 +172,7 @@ def beam_search(tasks: Sequence[str], dissimilarity: np.ndarray, *, pooling_abov
             for p in refinements(parent, tasks):
                 step = cluster_cost(p, dissimilarity[d], index) + alpha * (len(p) - 1) * 2 ** pooling_above[d]
                 grown.append(((*tree, p), cost + step))
-        grown.sort(key=lambda item: (item[1], sum(len(p) for p in item[0])))
+        grown.sort(key=lambda item: (round(item[1] / COST_TOLERANCE), sum(len(p) for p in item[0])))  # stable
         kept = grown[:beam]
     return kept
 
@@ -161,7 +182,7 @@ def pareto_front(candidates: Sequence[Candidate], measure: str = "params") -> Li
     front: List[Candidate] = []
     best_cost = float("inf")
     for c in sorted(candidates, key=lambda c: (getattr(c, measure), c.cost)):
-        if c.cost < best_cost - 1e-12:
+        if c.cost < best_cost - COST_TOLERANCE:
             front.append(c)
             best_cost = c.cost
     return front
