@@ -15,14 +15,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Pretrain a small MoCo on the embedded scenes (generated on first use), export the backbone.
+# The whole chain on the embedded data (generated on first use): MoCo on the object images, export, then the
+# pretrained vs a random-init backbone on MTL fine-tuning, probes, DAVIS and retrieval -> runs/demo/summary.*
 demo: setup
-	$(PY) launch/pretrain.py --config configs/pretrain/demo.yaml --output-dir runs/demo
-	$(PY) launch/export.py runs/demo/checkpoint.pth --format torchvision --out runs/demo/backbone_torchvision.pth
+	OMP_NUM_THREADS=2 $(PY) launch/demo.py --output-dir runs/demo
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 test: setup
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

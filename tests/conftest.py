@@ -46,3 +46,20 @@ TINY_PRETRAIN = [
     "augment.small_size=16", "optim.batch_size=16", "moco.queue_size=64", "data.num_workers=0",
     "train.log_every_steps=1", "train.knn_every_epochs=1",
 ]
+
+
+@pytest.fixture(scope="session")
+def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
+    """configs/pretrain/demo_objects.yaml for 30 epochs on the embedded object images (~2.5 min on 2 cores), run
+    once per session: its kNN history (test_moco.py) and its checkpoint (test_demo.py) are both tested."""
+    from selfsup.config import load_config
+    from selfsup.data import ensure_embedded_data
+    from selfsup.moco.config import PretrainConfig
+    from selfsup.moco.train import run_pretraining
+
+    ensure_embedded_data(num=2000, formats=("classification",), workers=2)
+    out = tmp_path_factory.mktemp("objects_moco") / "run"
+    cfg = load_config(PretrainConfig, yaml_path=REPO / "configs" / "pretrain" / "demo_objects.yaml", overrides=[
+        f"output_dir={out}", "data.num_workers=1", "train.epochs=30"])
+    knn = [h["knn_acc"] for h in run_pretraining(cfg)["knn"]]
+    return {"checkpoint": out / "checkpoint.pth", "knn": knn}

@@ -241,3 +241,18 @@ def test_make_data_cli(tmp_path):
     subprocess.run([sys.executable, script, "--out", tmp_path, "--size", "32", "--num", "4", "--workers", "1",
                     "--formats", "voc2012,coco"], check=True, capture_output=True)
     assert len(VOC2012Segmentation(tmp_path / "voc2012", split="train")) == 2
+
+
+def test_ensure_embedded_data_one_format(tmp_path, monkeypatch):
+    """formats=("classification",) generates only the class folders, in their own cache folder, same images."""
+    monkeypatch.setenv("SCENESSL_DATA", str(tmp_path))
+    from selfsup.data.synthetic import GENERATOR_VERSION
+    full = ensure_embedded_data(size=24, num=4, seed=0, workers=1)
+    objects = ensure_embedded_data(size=24, num=4, seed=0, workers=1, formats=("classification",))
+    assert objects == tmp_path / f"objects-v{GENERATOR_VERSION}-24-4-0"
+    assert sorted(p.name for p in objects.iterdir() if p.is_dir()) == ["classification"]
+    files = sorted(p.relative_to(objects) for p in objects.rglob("*.jpg"))
+    assert files and files == sorted(p.relative_to(full) for p in (full / "classification").rglob("*.jpg"))
+    assert all((objects / f).read_bytes() == (full / f).read_bytes() for f in files)
+    with pytest.raises(ValueError, match="expected some of"):
+        ensure_embedded_data(size=24, num=4, formats=("imagenet",))

@@ -162,3 +162,24 @@ def test_mtan_masks_gate_the_shared_features():
     with torch.no_grad():
         mask = model.attention[0]["semseg"](feats[0])
     assert mask.shape == feats[0].shape and (mask > 0).all() and (mask < 1).all()
+
+
+@pytest.mark.parametrize("arch", ["mtl_baseline", "astmt"])
+def test_backbone_lr_scale_multiplies_only_the_backbone_groups(arch):
+    cfg = MTLConfig()
+    cfg.model.arch, cfg.model.backbone, cfg.optim.backbone_lr_scale = arch, "resnet_tiny", 0.1
+    model = build_model(arch, tasks=NYUD, **TINY, astmt_options=cfg.model.astmt)
+    plain = {tuple(sorted(id(p) for p in g["params"])): g.get("lr_scale", 1.0)
+             for g in build_optimizer(MTLConfig(), model).param_groups}
+    groups = build_optimizer(cfg, model).param_groups
+    backbone = {id(p) for p in model.encoder.backbone.parameters()}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    for g in groups:
+        inside = {id(p) in backbone for p in g["params"]}
+        assert len(inside) == 1  # a group is all backbone or all rest
+        base = next(s for k, s in plain.items() if id(g["params"][0]) in k)  # the group it was split from
+        assert g["lr_scale"] == pytest.approx(base * (0.1 if inside == {True} else 1.0))
+    cfg.optim.backbone_lr_scale = 0.0
+    with pytest.raises(ValueError, match="optim.backbone_lr_scale=0.0: must be > 0"):
+        build_optimizer(cfg, model)

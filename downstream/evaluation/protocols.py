@@ -31,9 +31,9 @@ def knn_probe(data: Dict[str, object], **_) -> Dict[str, float]:
 
 
 @PROBES.register("linear")
-def linear_probe(data: Dict[str, object], *, epochs: int = 100, **_) -> Dict[str, float]:
+def linear_probe(data: Dict[str, object], *, epochs: int = 100, seed: int = 0, **_) -> Dict[str, float]:
     """Linear layer, SGD lr 30, momentum 0.9, no weight decay, lr x0.1 at 60%/80%: top-1 (%)."""
-    return train_linear_probe(data["train"], data["test"], num_classes=data["num_classes"], epochs=epochs)
+    return train_linear_probe(data["train"], data["test"], num_classes=data["num_classes"], epochs=epochs, seed=seed)
 
 
 @PROBES.register("svm")

@@ -102,6 +102,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     poly_power: float = 0.9
+    # lr of the backbone's parameters relative to the rest (decoders, heads, necks); 1.0 = one lr for all, as the
+    # published multi-task code trains
+    backbone_lr_scale: float = 1.0
     loss_weights: Dict[str, float] = field(default_factory=dict)  # override the SPEC defaults per task
     # loss balancer of the main tasks (downstream/mtl/balancers): fixed | uncertainty | gradnorm | dwa | dtp |
     # mgda | mgda_ub | auto_magnitude | pcgrad | cagrad; its parameters by name, e.g. {alpha: 1.5}

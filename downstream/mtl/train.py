@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -87,6 +87,24 @@ def init_task_checkpoints(cfg: MTLConfig, model: nn.Module) -> None:
     logger.info("task branches from single-task checkpoints: %s", dict(cfg.model.task_checkpoints))
 
 
+def scale_backbone_lr(net: nn.Module, groups: List[Dict[str, Any]], scale: float) -> List[Dict[str, Any]]:
+    """Split each parameter group into its backbone part (``lr_scale`` × ``scale``) and the rest."""
+    from .encoder import Encoder
+
+    if scale <= 0:
+        raise ValueError(f"optim.backbone_lr_scale={scale!r}: must be > 0")
+    backbone = {id(p) for m in net.modules() if isinstance(m, Encoder) for p in m.backbone.parameters()}
+    if not backbone:
+        raise ValueError(f"optim.backbone_lr_scale={scale!r}: this model has no shared-encoder backbone to scale")
+    out: List[Dict[str, Any]] = []
+    for group in groups:
+        ps = list(group["params"])
+        for part, group_scale in (([p for p in ps if id(p) in backbone], scale), ([p for p in ps if id(p) not in backbone], 1.0)):
+            if part:
+                out.append({**group, "params": part, "lr_scale": group.get("lr_scale", 1.0) * group_scale})
+    return out
+
+
 def build_optimizer(cfg: MTLConfig, model: nn.Module, balancer: Balancer | None = None) -> torch.optim.Optimizer:
     """Adam / SGD over the trainable parameters, plus the balancer's learned ones (uncertainty's log σ²) without
     weight decay. A model with ``param_groups()`` (e.g. ASTMT) gives its own groups, each may carry ``lr_scale``
@@ -94,6 +112,8 @@ def build_optimizer(cfg: MTLConfig, model: nn.Module, balancer: Balancer | None 
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     params = (list(net.param_groups()) if hasattr(net, "param_groups")
               else [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    if cfg.optim.backbone_lr_scale != 1.0:
+        params = scale_backbone_lr(net, params, cfg.optim.backbone_lr_scale)
     if balancer is not None and list(balancer.parameters()):
         params.append({"params": list(balancer.parameters()), "weight_decay": 0.0})
     o = cfg.optim

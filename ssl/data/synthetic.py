@@ -327,22 +327,31 @@ def default_cache_dir() -> Path:
 
 def ensure_embedded_data(
     root: Optional[Union[str, Path]] = None, *, size: int = DEFAULT_SIZE, num: int = DEFAULT_NUM,
-    seed: int = DEFAULT_SEED, workers: Optional[int] = None,
+    seed: int = DEFAULT_SEED, workers: Optional[int] = None, formats: Sequence[str] = FORMATS,
 ) -> Path:
     """Return the embedded dataset root, generating it on first use.
 
-    The root is ``root`` if given, else ``<cache>/embedded-v<version>-<size>-<num>-<seed>`` with ``<cache>``
-    from :func:`default_cache_dir`. It holds ``coco/ pascal_context/ nyud/ davis2017/ voc2012/
-    classification/``. Generation writes into a temporary sibling folder that is renamed when
-    complete, so concurrent callers and interrupted runs never see a partial dataset.
+    The root is ``root`` if given, else ``<cache>/<kind>-v<version>-<size>-<num>-<seed>`` with ``<cache>``
+    from :func:`default_cache_dir`; ``<kind>`` is ``embedded`` for every format (``coco/ pascal_context/ nyud/
+    davis2017/ voc2012/ classification/``), ``objects`` for ``formats=("classification",)`` alone (what the
+    object-centric pretraining needs: a sixth of the generation time), else the formats joined by ``+``.
+    Generation writes into a temporary sibling folder that is renamed when complete, so concurrent callers
+    and interrupted runs never see a partial dataset.
     """
-    target = Path(root) if root is not None else default_cache_dir() / f"embedded-v{GENERATOR_VERSION}-{size}-{num}-{seed}"
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"embedded formats {list(formats)}: expected some of {', '.join(FORMATS)}")
+    kind = "embedded" if set(formats) == set(FORMATS) else "objects" if formats == ("classification",) \
+        else "+".join(formats)
+    target = Path(root) if root is not None else default_cache_dir() / f"{kind}-v{GENERATOR_VERSION}-{size}-{num}-{seed}"
     if (target / "embedded.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        generate_datasets(tmp, size=size, num=num, seed=seed, workers=workers or min(4, os.cpu_count() or 1))
+        generate_datasets(tmp, size=size, num=num, seed=seed, formats=formats,
+                          workers=workers or min(4, os.cpu_count() or 1))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, target)

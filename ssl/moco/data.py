@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def _embedded(cfg: PretrainConfig, subdir: str) -> str:
-    return str(ensure_embedded_data(num=cfg.data.embedded_num) / subdir)
+    """``subdir`` of the embedded data at ``data.embedded_num`` images; only that format is generated."""
+    return str(ensure_embedded_data(num=cfg.data.embedded_num, formats=(subdir,)) / subdir)
 
 
 def pretrain_files(cfg: PretrainConfig) -> List[str]:

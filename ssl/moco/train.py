@@ -59,15 +59,25 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter], lr: float)
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
+def monitor_status(history: List[Dict[str, float]]) -> Dict[str, str]:
+    """The last monitor values for the progress bar, beside their value at initialisation (epoch 0)."""
+    if not history:
+        return {}
+    first, last = history[0], history[-1]
+    return {k: (f"{last[k]:.1f}" if last is first else f"{last[k]:.1f} (init {first[k]:.1f})")
+            for k in ("knn_acc", "davis_jf", "retrieval_miou") if k in last}
+
+
 def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer: torch.optim.Optimizer, *,
                     lr_at: Callable[[int], float], cfg: PretrainConfig, state: StepState, device: torch.device,
                     writer: ScalarWriter, on_step_end: Callable[[StepState], None], steps: int,
-                    query_encoder: Optional[nn.Module] = None, guard: Optional[NonFiniteGuard] = None
-                    ) -> Dict[str, float]:
+                    query_encoder: Optional[nn.Module] = None, guard: Optional[NonFiniteGuard] = None,
+                    status: Optional[Dict[str, str]] = None) -> Dict[str, float]:
     """One epoch of MoCo steps from ``state.step_in_epoch`` to ``steps``; returns the epoch's mean loss.
 
     No step waits on the device: losses are read back only every ``train.log_every_steps``, the NaN/Inf
     flag every ``train.nan_check_every`` steps (``guard``; ``on_step_end`` checks it before a checkpoint).
+    ``status`` (e.g. the last kNN monitor value) is shown on the progress bar beside the loss.
     """
     model.train()
     amp = cfg.train.amp and device.type == "cuda"
@@ -113,7 +123,7 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
             scalars.update(lr=lr, queue_fill=min(1.0, model.num_enqueued.item() / model.queue_size),
                            images_per_s=images_seen / max(elapsed, 1e-9), data_time_fraction=data_time / max(elapsed, 1e-9))
             writer.scalars(scalars, state.global_step, prefix="train/")
-            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}")
+            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}", **(status or {}))
             data_time = compute_time = 0.0
             images_seen = 0
         epoch_done = state.step_in_epoch >= steps
@@ -198,7 +208,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
             loader.set_epoch(epoch, start_step=state.step_in_epoch)
             stats = train_one_epoch(model, loader, optimizer, lr_at=lr_at, cfg=cfg, state=state, device=device,
                                     writer=writer, on_step_end=on_step_end, steps=steps, query_encoder=query_encoder,
-                                    guard=guard)
+                                    guard=guard, status=monitor_status(history))
             skipped = loader.dataset.num_skipped
             logger.info("epoch %d: loss %.4f%s", epoch, stats["loss"], f" ({skipped} unreadable images skipped)" if skipped else "")
             writer.scalars({"skipped_images": skipped}, state.global_step, prefix="data/")
