@@ -1,6 +1,7 @@
 """MoCo core: queue, momentum update, loss, shuffle-BN, DDP queue agreement, resume, NaN guard."""
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,8 +268,15 @@ def test_pretraining_on_the_embedded_object_images(embedded_root):
     from selfsup.moco.data import pretrain_files
 
     files = pretrain_files(PretrainConfig(data=DataConfig(name="classification", root="embedded", embedded_num=200)))
-    expected = sorted(str(p) for p in (embedded_root / "classification" / "train").rglob("*.jpg"))
-    assert sorted(files) == expected and len(files) == 200
+    # only the classification format is generated for it (an ``objects-*`` cache folder): the same images as the
+    # classification part of the whole embedded set, under another folder
+    train = embedded_root / "classification" / "train"
+    expected = sorted(str(p.relative_to(train)) for p in train.rglob("*.jpg"))
+    got = sorted(str(Path(f).relative_to(Path(f).parents[1])) for f in files)
+    assert got == expected and len(files) == 200
+    assert all(Path(f).parts[-3] == "train" and Path(f).parents[3].name.startswith("objects-") for f in files)
+    first = sorted(files)[0]
+    assert Path(first).read_bytes() == (train / Path(first).relative_to(Path(first).parents[1])).read_bytes()
 
 
 @pytest.mark.slow
