@@ -161,3 +161,23 @@ def test_flop_counter_known_answer():
     report = relative_report("x", {"params": 150, "flops": 50}, {"a": {"params": 100, "flops": 50}, "b": {"params": 100, "flops": 50}})
     assert report["params_rel"] == -25.0 and report["flops_rel"] == -50.0
 
+
+
+def _record_many(path: str, tasks) -> None:
+    for t in tasks:
+        record_single_task_result(path, t, {"miou": float(len(t))})
+
+
+def test_single_task_results_written_concurrently_keep_every_task(tmp_path):
+    """Parallel single-task runs share one --single-task-results file: none may drop another's task."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "st.json")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_record_many, args=(path, [f"task{i}_{k}" for k in range(15)])) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(load_single_task_results(path)) == sorted(f"task{i}_{k}" for i in range(4) for k in range(15))

@@ -5,7 +5,9 @@ Single-task results are stored as ``{task: {metric: value}}`` JSON (written by s
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Dict, Mapping, Sequence, Union
 
@@ -46,11 +48,16 @@ def load_single_task_results(path: Union[str, Path]) -> Dict[str, Dict[str, floa
 
 def record_single_task_result(path: Union[str, Path], task: str, metrics: Mapping[str, float], *,
                               extra: Mapping[str, float] = ()) -> None:
-    """Add (or replace) ``task``'s metrics in the JSON at ``path``; written atomically."""
+    """Add (or replace) ``task``'s metrics in the JSON at ``path``; written atomically.
+
+    Read-modify-write under an exclusive lock on ``<path>.lock``: single-task runs finishing at the same time
+    (parallel jobs, SLURM arrays) each keep their task."""
     path = Path(path)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[task] = {**dict(metrics), **dict(extra)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[task] = {**dict(metrics), **dict(extra)}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.replace(path)
