@@ -163,7 +163,14 @@ def _cpu_minutes(out: Path) -> Optional[float]:
     return json.loads(path.read_text())["cpu_s"] / 60 if path.is_file() else None
 
 
-def _spread(values: Sequence[float]) -> str:
+def _defined(values: Sequence[Optional[float]]) -> List[float]:
+    return [v for v in values if v is not None]  # None: Δ_MTL undefined (a single-task reference metric of 0)
+
+
+def _spread(values: Sequence[Optional[float]]) -> str:
+    values = _defined(values)
+    if not values:
+        return "n/a"
     return f"{statistics.mean(values):+.2f}" if len(values) == 1 else \
         f"{statistics.mean(values):+.2f} ({min(values):+.2f} … {max(values):+.2f})"
 
@@ -214,26 +221,27 @@ def compare_chart(table: Dict[str, Any], path: Path) -> None:
     """Horizontal bars: mean Δ_MTL per balancer, the min–max over seeds as a whisker; 0 = the single-task set."""
     from PIL import Image, ImageDraw
 
-    rows = table["balancers"]
-    values = [v for r in rows for v in r["delta_mtl"]]
+    rows = [r for r in table["balancers"] if _defined(r["delta_mtl"])]
+    values = [v for r in rows for v in _defined(r["delta_mtl"])]
     lo, hi = min(0.0, *values), max(0.0, *values)
     span = (hi - lo) or 1.0
     w, label_w, bar_h, top = 640, 110, 22, 34
     img = Image.new("RGB", (w, top + bar_h * len(rows) + 24), "white")
     draw = ImageDraw.Draw(img)
     x_of = lambda v: label_w + 10 + (v - lo) / span * (w - label_w - 60)  # noqa: E731
-    draw.text((8, 6), f"Δ_MTL % on {table['dataset']} ({', '.join(table['tasks'])}), MTL baseline, "
-                      f"{len(table['seeds'])} seed(s): mean, min–max", fill="black")
+    draw.text((8, 6), f"Delta_MTL % on {table['dataset']} ({', '.join(table['tasks'])}), MTL baseline, "
+                      f"{len(table['seeds'])} seed(s): mean, min-max over seeds", fill="black")
     draw.line([x_of(0), top - 4, x_of(0), top + bar_h * len(rows)], fill=(120, 120, 120))
     for i, r in enumerate(rows):
         y = top + i * bar_h
-        mean = statistics.mean(r["delta_mtl"])
+        deltas = _defined(r["delta_mtl"])
+        mean = statistics.mean(deltas)
         draw.text((8, y + 5), r["balancer"], fill="black")
         colour = (44, 160, 44) if mean >= 0 else (214, 39, 40)
         draw.rectangle([min(x_of(0), x_of(mean)), y + 4, max(x_of(0), x_of(mean)), y + bar_h - 4], fill=colour)
         cy = y + bar_h // 2
-        draw.line([x_of(min(r["delta_mtl"])), cy, x_of(max(r["delta_mtl"])), cy], fill="black", width=2)
-        draw.text((max(x_of(0), x_of(mean), x_of(max(r["delta_mtl"]))) + 4, y + 5), f"{mean:+.2f}", fill="black")
+        draw.line([x_of(min(deltas)), cy, x_of(max(deltas)), cy], fill="black", width=2)
+        draw.text((max(x_of(0), x_of(mean), x_of(max(deltas))) + 4, y + 5), f"{mean:+.2f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -297,11 +305,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for q in (o, c):
         q.add_argument("--balancers", nargs="+", default=balancer_names(), help="default: all, fixed first")
         q.add_argument("overrides", nargs="*", help="MTLConfig overrides key=value")
-    args, rest = p.parse_known_args(argv)  # key=value overrides may also follow flags
-    stray = [r for r in rest if r.startswith("-") or "=" not in r]
-    if stray:
-        p.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(args.overrides) + rest
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value anywhere, also after flags
+    args = p.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     unknown = [b for b in args.balancers if b not in balancer_names()]
     if unknown:
         p.error(f"--balancers: unknown {', '.join(unknown)}; known: {', '.join(balancer_names())}")

@@ -139,6 +139,14 @@ def test_delta_mtl_signs():
     assert math.isclose(normals, 10.0)  # lower angle error is better
 
 
+def test_delta_mtl_of_a_zero_reference_is_a_clear_error():
+    from downstream.mtl.delta import UndefinedDelta
+
+    with pytest.raises(UndefinedDelta, match="single-task semseg miou is 0"):
+        delta_mtl({"semseg": {"miou": 3.0}, "depth": {"rmse": 1.0}},
+                  {"semseg": {"miou": 0.0}, "depth": {"rmse": 1.2}}, ["semseg", "depth"])
+
+
 def test_delta_mtl_missing_reference(tmp_path):
     with pytest.raises(MissingSingleTaskResults, match="single_task_depth"):
         delta_mtl({"semseg": {"miou": 1.0}, "depth": {"rmse": 1.0}}, {"semseg": {"miou": 1.0}}, ["semseg", "depth"])

@@ -18,6 +18,10 @@ class MissingSingleTaskResults(RuntimeError):
     """The single-task reference for Δ_MTL is absent; the message says how to create it."""
 
 
+class UndefinedDelta(ValueError):
+    """A single-task reference metric is 0: no relative gain can be computed."""
+
+
 def delta_mtl(results: Mapping[str, Mapping[str, float]], single_task: Mapping[str, Mapping[str, float]],
               tasks: Sequence[str]) -> float:
     """Δ_MTL in percent over ``tasks``."""
@@ -32,6 +36,9 @@ def delta_mtl(results: Mapping[str, Mapping[str, float]], single_task: Mapping[s
     for t in tasks:
         metric = MAIN_METRIC[t]
         ours, ref = float(results[t][metric]), float(single_task[t][metric])
+        if ref == 0:
+            raise UndefinedDelta(f"Δ_MTL is undefined: the single-task {t} {metric} is 0 (a relative gain needs a "
+                                 f"non-zero reference; train the single-task model longer)")
         sign = -1.0 if LOWER_IS_BETTER[t] else 1.0
         total += sign * (ours - ref) / ref
     return 100.0 * total / len(tasks)

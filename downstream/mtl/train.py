@@ -28,7 +28,8 @@ from .balancers import Balancer, SharedParts, build_balancer
 from .config import HARMLESS_KEYS, MTLConfig, depth_init_value
 from .data import build_loaders, dataset_ids, mean_train_depth, resolve_crop_size
 from .edge_metric import edge_eval_ids
-from .delta import MissingSingleTaskResults, delta_mtl, load_single_task_results, record_single_task_result
+from .delta import (MissingSingleTaskResults, UndefinedDelta, delta_mtl, load_single_task_results,
+                    record_single_task_result)
 from .engine import evaluate, train_one_epoch
 from .flops import format_report, model_cost, relative_report
 from .losses import MultiTaskLoss
@@ -275,7 +276,10 @@ def _results(cfg: MTLConfig, tasks: TaskSet, metrics: Dict[str, Dict[str, float]
         record_single_task_result(path, tasks.main[0], metrics[tasks.main[0]],
                                   extra={"params": report["params"], "flops": report["flops"]})
     elif path:
-        results["delta_mtl"] = delta_mtl(metrics, load_single_task_results(path), tasks.main)
+        try:
+            results["delta_mtl"] = delta_mtl(metrics, load_single_task_results(path), tasks.main)
+        except UndefinedDelta as err:  # the run's metrics are kept; only Δ_MTL is missing
+            logger.warning("%s", err)
     return results
 
 

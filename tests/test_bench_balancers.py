@@ -1,0 +1,57 @@
+"""downstream/bench_balancers.py: the side-by-side step timing and the Δ_MTL comparison (tiny budgets)."""
+import json
+
+import pytest
+
+from downstream.bench_balancers import main, parse_args
+
+TINY = ["model.backbone=resnet_tiny", "model.fpn_channels=16", "model.head_channels=16", "model.task_channels=8"]
+
+
+def test_overhead_times_every_balancer_side_by_side(capsys):
+    names = ["pcgrad", "fixed", "mgda_ub", "dtp", "uncertainty"]
+    rows = main(["overhead", "--height", "32", "--width", "32", "--batch-size", "2", "--rounds", "2", "--steps", "1",
+                 "--warmup", "2", "--balancers", *names, *TINY])
+    assert [r["balancer"] for r in rows] == ["fixed", "pcgrad", "mgda_ub", "dtp", "uncertainty"]  # fixed first
+    assert rows[0]["vs_fixed"] == 1.0
+    for r in rows:
+        assert 0 < r["ms_min"] <= r["ms_per_step"] <= r["ms_max"] and set(r["weights"]) == {"semseg", "depth"}
+    # the balancers trained: dtp's weights left 1 after its KPIs came in, uncertainty's log σ² moved
+    weights = {r["balancer"]: r["weights"] for r in rows}
+    assert weights["fixed"] == {"semseg": 1.0, "depth": 1.0} and weights["dtp"]["semseg"] != 1.0
+    assert weights["uncertainty"]["semseg"] != 1.0
+    assert "| mgda_ub |" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_balancer_and_stray_arguments(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["overhead", "--balancers", "fixed", "gradnrom"])
+    err = capsys.readouterr().err
+    assert "gradnrom" in err and "known:" in err
+    with pytest.raises(SystemExit):
+        parse_args(["compare", "--jbos", "2"])
+    assert parse_args(["compare", "--jobs", "2", "epochs=3", "--seeds", "1", "optim.lr=1e-3"]).overrides == \
+        ["epochs=3", "optim.lr=1e-3"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # ~50 s on an idle 2-core machine (4 finetune_mtl.py runs, 2 at a time)
+def test_compare_runs_references_and_balancers_then_reuses_them(tmp_path, embedded_root):
+    """Regression tasks (depth, normals): their metrics are never 0 after one step, so Δ_MTL is defined."""
+    argv = ["compare", "--dataset", "nyud", "--tasks", "depth", "normals", "--seeds", "0", "--epochs", "1", "--jobs", "2", "--balancers", "dwa",
+            "fixed", "--output-dir", str(tmp_path), "--data-root", str(embedded_root / "nyud"),
+            "max_iters_per_epoch=1", "data.max_val_images=4", *TINY]
+    table = main(argv)
+    root = tmp_path / "nyud"
+    assert table["runs_started"] == 4 and [r["balancer"] for r in table["balancers"]] == ["fixed", "dwa"]
+    reference = json.loads((root / "s0" / "single_task.json").read_text())
+    assert set(reference) == {"depth", "normals"}  # both single-task runs recorded into the seed's file
+    for row in table["balancers"]:
+        results = json.loads((root / "s0" / row["balancer"] / "results.json").read_text())
+        assert results["balancer"] == row["balancer"] and row["delta_mtl"] == [results["delta_mtl"]]
+        assert row["weights"] == results["balancer_weights"] and row["cpu_min"] > 0
+    md = (root / "balancers.md").read_text()
+    assert "| dwa | " in md and f"{table['balancers'][1]['delta_mtl'][0]:+.2f}" in md
+    assert (root / "balancers.png").stat().st_size > 0
+    again = main(argv)  # every run finished: nothing is started again, the table is the same
+    assert again["runs_started"] == 0 and again["balancers"] == table["balancers"]
