@@ -12,7 +12,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 ENTRY_POINTS = ["launch/pretrain.py", "launch/export.py", "launch/make_data.py", "launch/bench_pretrain.py",
                 "launch/gpu_report.py", "launch/demo.py", "downstream/finetune_mtl.py", "downstream/bench_mtl.py",
                 "downstream/linear_probe.py", "downstream/davis_propagation.py", "downstream/segment_retrieval.py",
-                "downstream/task_affinity.py", "downstream/branch.py"]
+                "downstream/task_affinity.py", "downstream/branch.py", "downstream/bench_balancers.py"]
 
 # Runs the --help of every entry point of one folder the way `python script.py` does (the script's folder first
 # on sys.path, ssl not imported yet), one after the other in one process (one torch import instead of one per
