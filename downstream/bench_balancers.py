@@ -203,17 +203,21 @@ def compare_markdown(table: Dict[str, Any]) -> str:
     tasks = table["tasks"]
     head = [f"{t} {METRIC_LABEL.get(MAIN_METRIC[t], MAIN_METRIC[t])} {'↓' if LOWER_IS_BETTER[t] else '↑'}" for t in tasks]
     n = len(table["seeds"])
-    lines = [f"| balancer | {' | '.join(head)} | Δ_MTL % mean (min … max over {n} seeds) | final weights "
-             f"({' / '.join(tasks)}) | CPU min |", "|---" * (len(tasks) + 4) + "|"]
+    fixed = next((r["delta_mtl"] for r in table["balancers"] if r["balancer"] == "fixed"), None)
+    lines = [f"| balancer | {' | '.join(head)} | Δ_MTL % mean (min … max over {n} seeds) | Δ_MTL − fixed's, same "
+             f"seed | final weights ({' / '.join(tasks)}) | CPU min |", "|---" * (len(tasks) + 5) + "|"]
     fmt = lambda v: f"{statistics.mean(v):.4g}"  # noqa: E731
     cpu = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     for t in tasks:
         cells = [fmt(table["single_task"][t]["metric"]) if s == t else "–" for s in tasks]
-        lines.append(f"| single_task_{t} | {' | '.join(cells)} | – | – | {cpu(table['single_task'][t]['cpu_min'])} |")
+        lines.append(f"| single_task_{t} | {' | '.join(cells)} | – | – | – | {cpu(table['single_task'][t]['cpu_min'])} |")
     for r in table["balancers"]:
         weights = " / ".join(f"{r['weights'][t]:.3g}" for t in tasks)
+        # paired by seed: the seed's single-task reference and initialisation cancel out
+        paired = "–" if fixed is None or r["balancer"] == "fixed" else _spread(
+            [None if a is None or b is None else a - b for a, b in zip(r["delta_mtl"], fixed)])
         lines.append(f"| {r['balancer']} | {' | '.join(fmt(r['metrics'][t]) for t in tasks)} | {_spread(r['delta_mtl'])} "
-                     f"| {weights} | {cpu(r['cpu_min'])} |")
+                     f"| {paired} | {weights} | {cpu(r['cpu_min'])} |")
     return "\n".join(lines)
 
 

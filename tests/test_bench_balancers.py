@@ -51,7 +51,8 @@ def test_compare_runs_references_and_balancers_then_reuses_them(tmp_path, embedd
         assert results["balancer"] == row["balancer"] and row["delta_mtl"] == [results["delta_mtl"]]
         assert row["weights"] == results["balancer_weights"] and row["cpu_min"] > 0
     md = (root / "balancers.md").read_text()
-    assert "| dwa | " in md and f"{table['balancers'][1]['delta_mtl'][0]:+.2f}" in md
+    dwa, fixed = table["balancers"][1]["delta_mtl"][0], table["balancers"][0]["delta_mtl"][0]
+    assert "| dwa | " in md and f"| {dwa:+.2f} | {dwa - fixed:+.2f} |" in md  # Δ_MTL, then paired with fixed
     assert (root / "balancers.png").stat().st_size > 0
     again = main(argv)  # every run finished: nothing is started again, the table is the same
     assert again["runs_started"] == 0 and again["balancers"] == table["balancers"]
