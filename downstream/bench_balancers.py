@@ -117,6 +117,7 @@ class Job:
     argv: List[str]
     pid: int = 0
     log: Any = field(default=None, repr=False)
+    proc: Any = field(default=None, repr=False)
 
 
 def _finetune_argv(config: Path, out: Path, seed: int, st_file: Path, args: argparse.Namespace, extra: Sequence[str]) -> List[str]:
@@ -126,6 +127,16 @@ def _finetune_argv(config: Path, out: Path, seed: int, st_file: Path, args: argp
     if args.data_root:
         argv += ["--data-root", args.data_root]
     return argv
+
+
+def _wait_any(running: Dict[int, "Job"], poll_s: float = 0.5):
+    """(pid, status, rusage) of one finished job of ``running``, or None after ``poll_s`` if none finished."""
+    for pid in list(running):
+        done_pid, status, usage = os.wait4(pid, os.WNOHANG)
+        if done_pid == pid:
+            return pid, status, usage
+    time.sleep(poll_s)
+    return None
 
 
 def run_jobs(jobs: Sequence[Job], *, parallel: int, threads: int) -> int:
@@ -139,14 +150,18 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int, threads: int) -> int:
             job = pending.pop(0)
             job.out.mkdir(parents=True, exist_ok=True)
             job.log = open(job.out.with_name(job.out.name + ".log"), "ab")
-            job.pid = subprocess.Popen(job.argv, stdout=job.log, stderr=subprocess.STDOUT, env=env, cwd=REPO).pid
+            # the Popen object is kept: a collected one would let the subprocess module reap the child (no rusage)
+            job.proc = subprocess.Popen(job.argv, stdout=job.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            job.pid = job.proc.pid
             running[job.pid] = job
             started += 1
             print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
-        pid, status, usage = os.wait4(-1, 0)
-        job = running.pop(pid, None)
-        if job is None:
+        finished = _wait_any(running)  # only our own children: other child processes of the caller stay theirs
+        if finished is None:
             continue
+        pid, status, usage = finished
+        job = running.pop(pid)
+        job.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: the Popen object must not wait again
         job.log.close()
         code = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
