@@ -51,8 +51,8 @@ TINY_PRETRAIN = [
 @pytest.fixture(scope="session")
 def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
     """configs/pretrain/demo_objects.yaml for 30 epochs on the embedded object images (~4.5 min on 2 cores with the
-    generation of the 2000 images), run
-    once per session: its kNN history (test_moco.py) and its checkpoint (test_demo.py) are both tested."""
+    generation of the 2000 images), run once per session: its kNN history (test_moco.py) and its checkpoint
+    (test_demo.py) are both tested."""
     from selfsup.config import load_config
     from selfsup.data import ensure_embedded_data
     from selfsup.moco.config import PretrainConfig
