@@ -32,13 +32,13 @@ import torch
 
 from selfsup.config import load_config
 
-from downstream.mtl.balancers import SharedParts, balancer_names, build_balancer
-from downstream.mtl.bench import synthetic_batch
+from downstream.mtl.balancers import balancer_names, build_balancer
+from downstream.mtl.bench import sync_device, synthetic_batch
 from downstream.mtl.config import MTLConfig
 from downstream.mtl.engine import balanced_step
 from downstream.mtl.losses import MultiTaskLoss
 from downstream.mtl.tasks import LOWER_IS_BETTER, MAIN_METRIC, loss_weights
-from downstream.mtl.train import model_from_config, task_set
+from downstream.mtl.train import balancer_shared_parts, build_optimizer, model_from_config, task_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,9 +66,8 @@ def time_balancers(names: Sequence[str], cfg: MTLConfig, *, size, batch_size: in
         if cfg.channels_last and device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         balancer = build_balancer(name, tasks=tasks.main).to(device)
-        shared = SharedParts.of(model, capture_representation=balancer.needs_representation) if balancer.needs_shared else None
-        optimizer = torch.optim.Adam(list(model.parameters()) + list(balancer.parameters()), lr=cfg.optim.lr)
-        runs[name] = dict(model=model.train(), balancer=balancer, shared=shared, optimizer=optimizer, step=0)
+        runs[name] = dict(model=model.train(), balancer=balancer, shared=balancer_shared_parts(cfg, model, balancer),
+                          optimizer=build_optimizer(cfg, model, balancer), step=0)  # the training run's own
 
     def train_step(name: str) -> None:
         r = runs[name]
@@ -78,10 +77,6 @@ def time_balancers(names: Sequence[str], cfg: MTLConfig, *, size, batch_size: in
         r["optimizer"].step()
         r["step"] += 1
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for name in names:
         for _ in range(warmup):
             train_step(name)
@@ -89,11 +84,11 @@ def time_balancers(names: Sequence[str], cfg: MTLConfig, *, size, batch_size: in
     for r in range(rounds):
         order = list(names[r % len(names):]) + list(names[:r % len(names)])
         for name in order:
-            sync()
+            sync_device(device)
             start = time.perf_counter()
             for _ in range(steps):
                 train_step(name)
-            sync()
+            sync_device(device)
             seconds[name].append((time.perf_counter() - start) / steps)
     base = statistics.median(seconds[names[0]])
     return [{"balancer": n, "ms_per_step": 1e3 * statistics.median(s), "ms_min": 1e3 * min(s), "ms_max": 1e3 * max(s),
@@ -115,9 +110,12 @@ class Job:
     name: str
     out: Path
     argv: List[str]
-    pid: int = 0
     log: Any = field(default=None, repr=False)
     proc: Any = field(default=None, repr=False)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".log")
 
 
 def _finetune_argv(config: Path, out: Path, seed: int, st_file: Path, args: argparse.Namespace, extra: Sequence[str]) -> List[str]:
@@ -149,11 +147,10 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int, threads: int) -> int:
         while pending and len(running) < parallel:
             job = pending.pop(0)
             job.out.mkdir(parents=True, exist_ok=True)
-            job.log = open(job.out.with_name(job.out.name + ".log"), "ab")
+            job.log = open(job.log_path, "ab")
             # the Popen object is kept: a collected one would let the subprocess module reap the child (no rusage)
             job.proc = subprocess.Popen(job.argv, stdout=job.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            job.pid = job.proc.pid
-            running[job.pid] = job
+            running[job.proc.pid] = job
             started += 1
             print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
         finished = _wait_any(running)  # only our own children: other child processes of the caller stay theirs
@@ -161,13 +158,12 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int, threads: int) -> int:
             continue
         pid, status, usage = finished
         job = running.pop(pid)
-        job.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: the Popen object must not wait again
+        code = job.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: the Popen must not wait again
         job.log.close()
-        code = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
         if code != 0:
-            tail = job.out.with_name(job.out.name + ".log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise SystemExit(f"{job.name} failed (exit {code}); log {job.out}.log ends:\n  " + "\n  ".join(tail))
+            tail = job.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise SystemExit(f"{job.name} failed (exit {code}); log {job.log_path} ends:\n  " + "\n  ".join(tail))
         (job.out / "bench_cpu.json").write_text(json.dumps({"cpu_s": cpu}))
         print(f"[{time.strftime('%H:%M:%S')}] done  {job.name} ({cpu / 60:.1f} CPU min)", flush=True)
     return started

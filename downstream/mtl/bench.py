@@ -49,7 +49,7 @@ def synthetic_batch(tasks: TaskSet, batch_size: int, size, device: torch.device,
     return images.to(device), {t: v.to(device) for t, v in targets.items()}
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -88,11 +88,11 @@ def benchmark(arch: str, mode: Mode, *, tasks: TaskSet, backbone: str, size, bat
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync_device(device)
     elapsed = time.perf_counter() - start
     result = {"arch": arch, "mode": mode.name, "img_per_s": batch_size * steps / elapsed,
               "step_ms": 1000 * elapsed / steps, "peak_memory_mib": _peak_memory_mib(device)}
