@@ -44,7 +44,7 @@ def test_demo_config_rejects_unknown_keys_and_steps(repo):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 73 s on an idle 2-core machine, plus the shared 30-epoch pretraining (267 s) if it
+@pytest.mark.timeout(1200)  # 73-76 s on an idle 2-core machine, plus the shared 30-epoch pretraining (267-309 s) if it
 # runs first; 477 + 256 s beside a busy process
 def test_demo_chain_pretraining_pays_off(objects_moco_run, tmp_path, repo):
     """The demo's first rows on the 30-epoch pretraining of the objects_moco_run fixture: the exported backbone
