@@ -31,9 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from selfsup.config import load_config
+from selfsup.device import sync_device
 
 from downstream.mtl.balancers import balancer_names, build_balancer
-from downstream.mtl.bench import sync_device, synthetic_batch
+from downstream.mtl.bench import synthetic_batch
 from downstream.mtl.config import MTLConfig
 from downstream.mtl.engine import balanced_step
 from downstream.mtl.losses import MultiTaskLoss

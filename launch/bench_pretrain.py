@@ -23,14 +23,10 @@ import torch
 from PIL import Image
 
 from selfsup.augment import AugmentConfig, PretrainLoader, build_pretrain_loader
+from selfsup.device import sync_device
 from selfsup.moco.model import MoCo
 
 StepFn = Callable[[List[torch.Tensor]], None]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _endless(loader: PretrainLoader) -> Iterator[List[torch.Tensor]]:
@@ -47,11 +43,11 @@ def measure_loader(loader: PretrainLoader, steps: int, warmup: int = 2) -> float
     it = _endless(loader)
     for _ in range(warmup):
         next(it)
-    _sync(loader.device)
+    sync_device(loader.device)
     start, images = time.perf_counter(), 0
     for _ in range(steps):
         images += next(it)[0].shape[0]
-    _sync(loader.device)
+    sync_device(loader.device)
     return images / (time.perf_counter() - start)
 
 
@@ -59,11 +55,11 @@ def measure_train_step(model_step_fn: StepFn, views: List[torch.Tensor], steps: 
     """Images per second of ``model_step_fn(views)`` on fixed device-resident views (compute ceiling)."""
     for _ in range(warmup):
         model_step_fn(views)
-    _sync(views[0].device)
+    sync_device(views[0].device)
     start = time.perf_counter()
     for _ in range(steps):
         model_step_fn(views)
-    _sync(views[0].device)
+    sync_device(views[0].device)
     return steps * views[0].shape[0] / (time.perf_counter() - start)
 
 
@@ -96,13 +92,13 @@ def measure_end_to_end(loader: PretrainLoader, step_fn: StepFn, steps: int, warm
     it = _endless(loader)
     for _ in range(warmup):
         step_fn(next(it))
-    _sync(loader.device)
+    sync_device(loader.device)
     start, images = time.perf_counter(), 0
     for _ in range(steps):
         views = next(it)
         step_fn(views)
         images += views[0].shape[0]
-    _sync(loader.device)
+    sync_device(loader.device)
     return images / (time.perf_counter() - start)
 
 

@@ -2,7 +2,8 @@
 
 ``upload`` copies a host tensor through pinned memory with ``non_blocking`` (a plain ``.to(cuda)`` from
 pageable memory blocks the host until the device has drained its queue); ``constant`` keeps small
-constant tensors on each device once, instead of a ``torch.tensor(..., device=cuda)`` copy per call.
+constant tensors on each device once, instead of a ``torch.tensor(..., device=cuda)`` copy per call;
+``sync_device`` waits for a CUDA device's queue (around timed regions of the benchmarks; nothing on the CPU).
 """
 from __future__ import annotations
 
@@ -34,3 +35,10 @@ def constant(values: Sequence[float], device: Union[str, torch.device], dtype: t
              ) -> torch.Tensor:
     """A read-only 1-D tensor of ``values`` on ``device``, made once per (values, device, dtype)."""
     return _constant(tuple(float(v) for v in values), str(torch.device(device)), dtype)
+
+
+def sync_device(device: Union[str, torch.device]) -> None:
+    """Block until ``device`` has finished its queued work (CUDA only; a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -50,11 +50,11 @@ TINY_PRETRAIN = [
 
 @pytest.fixture(scope="session")
 def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
-    """configs/pretrain/demo_objects.yaml for 30 epochs, with MoCo-v2's crop scale 0.2-1.0 (its semseg gain in
-    test_demo.py is measured over 3 fine-tuning seeds; with the demo's 0.5-1.0 at 20 or 25 epochs it did not
-    hold over seeds, at 30 epochs it was measured for seed 0 only: docs/benchmarks.md), on the embedded object images (~4.5 min on 2 cores
-    with the generation of the 2000 images), run once per session: its kNN history (test_moco.py) and its
-    checkpoint (test_demo.py) are both tested."""
+    """configs/pretrain/demo_objects.yaml for 30 epochs on the embedded object images (~5 min on 2 cores with the
+    generation of the 2000 images), run once per session: its kNN history (test_moco.py) and its checkpoint
+    (test_demo.py) are both tested. It keeps MoCo-v2's crop scale 0.2-1.0: test_demo.py's semseg gain is measured
+    over 3 fine-tuning seeds there; with the demo's 0.5-1.0 it did not hold over seeds at 20 or 25 epochs and was
+    measured for seed 0 only at 30 (docs/benchmarks.md)."""
     from selfsup.config import load_config
     from selfsup.data import ensure_embedded_data
     from selfsup.moco.config import PretrainConfig
@@ -63,7 +63,6 @@ def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
     ensure_embedded_data(num=2000, formats=("classification",), workers=2)
     out = tmp_path_factory.mktemp("objects_moco") / "run"
     cfg = load_config(PretrainConfig, yaml_path=REPO / "configs" / "pretrain" / "demo_objects.yaml", overrides=[
-        f"output_dir={out}", "data.num_workers=1", "train.epochs=30",
-        "augment.large_scale=[0.2,1.0]"])
+        f"output_dir={out}", "data.num_workers=1", "train.epochs=30", "augment.large_scale=[0.2,1.0]"])
     knn = [h["knn_acc"] for h in run_pretraining(cfg)["knn"]]
     return {"checkpoint": out / "checkpoint.pth", "knn": knn}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from selfsup.data.labels import save_palette_png
+from selfsup.device import sync_device
 
 from .features import DenseFeatures, cell_fractions, in_chunks, upsample_cells
 from .figures import overlay, save_tile_rows
@@ -131,8 +132,7 @@ def run_propagation(extractor: DenseFeatures, dataset, out_dir: Union[str, Path]
         frames, gt = dataset.read_frames(index), dataset.read_annotations(index)
         start = time.perf_counter()
         pred = segment_sequence(extractor, frames, gt[0], cfg)
-        if extractor.mean.is_cuda:
-            torch.cuda.synchronize()
+        sync_device(extractor.mean.device)
         seconds += time.perf_counter() - start
         frames_done += len(frames) - 1
         save_sequence_png(out_dir, name, [p.stem for p in dataset.frame_paths(index)], pred)

@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from selfsup.device import sync_device
+
 from .losses import MultiTaskLoss
 from .models import build_model
 from .tasks import TaskSet, loss_weights
@@ -47,11 +49,6 @@ def synthetic_batch(tasks: TaskSet, batch_size: int, size, device: torch.device,
             targets[t] = (torch.rand(batch_size, 1, H, W, generator=g) > 0.9).float()
     images = torch.randn(batch_size, 3, H, W, generator=g)
     return images.to(device), {t: v.to(device) for t, v in targets.items()}
-
-
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_memory_mib(device: torch.device) -> float:
