@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -136,10 +137,13 @@ _PREFIXES = ("module.", "encoder_q.", "backbone.", "encoder.")
 
 def state_dict_from_file(source: Union[PathLike, Mapping[str, Any]], *,
                          name: Optional[PathLike] = None) -> Dict[str, torch.Tensor]:
-    """The model state_dict inside our checkpoints, MoCo-style checkpoints or plain state_dicts.
+    """The model state_dict inside our checkpoints, MoCo-style checkpoints, plain state_dicts or a detectron2
+    ``.pkl`` (read by :func:`load_detectron2_weights`, names mapped back to torchvision's).
 
     ``name``: the file ``source`` was loaded from, for error messages when ``source`` is already loaded."""
     where = source if isinstance(source, (str, Path)) else (name or "the given state")
+    if isinstance(source, (str, Path)) and is_detectron2_file(source):
+        return load_detectron2_weights(source)
     ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint {where} holds a {type(ckpt).__name__}; expected a dict: a state_dict "
@@ -153,6 +157,83 @@ def state_dict_from_file(source: Union[PathLike, Mapping[str, Any]], *,
         raise CheckpointError(f"checkpoint {where} has no model weights (top-level keys: {keys}); expected a "
                               f"state_dict of tensors or a checkpoint with 'model' or 'state_dict'")
     return dict(ckpt)
+
+
+# ---------------------------------------------------------------- detectron2 .pkl read-back
+
+# the only globals a detectron2 weight file ({'model': {name: numpy array}, ...}) needs: numpy array/dtype/scalar
+# reconstruction (numpy 1.x and 2.x module names), OrderedDict, and _codecs.encode (bytes in protocol-2 pickles)
+_D2_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+})
+_D2_STAGE = re.compile(r"res([2-5])\.(.*)")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Refuses every global except those that rebuild numpy arrays (no code runs while loading)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _D2_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def is_detectron2_file(path: PathLike) -> bool:
+    """A ``.pkl`` file: the detectron2 weight format (a plain pickle; ``.pth`` files are torch zip archives)."""
+    return Path(path).suffix == ".pkl"
+
+
+def torchvision_name(name: str) -> str:
+    """detectron2 ResNet key -> torchvision key (the inverse of ``selfsup.export.detectron2_name``):
+    ``stem.conv1.norm.weight`` -> ``bn1.weight``, ``res2.0.conv3.norm.bias`` -> ``layer1.0.bn3.bias``,
+    ``res3.0.shortcut.weight`` -> ``layer2.0.downsample.0.weight``, ``...shortcut.norm.*`` -> ``downsample.1.*``."""
+    name = re.sub(r"conv(\d)\.norm\.", r"bn\1.", name)
+    name = name.replace("shortcut.norm.", "downsample.1.").replace("shortcut.", "downsample.0.")
+    if name.startswith("stem."):
+        return name[len("stem."):]
+    m = _D2_STAGE.match(name)
+    return f"layer{int(m.group(1)) - 1}.{m.group(2)}" if m else name
+
+
+def load_detectron2_weights(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The ResNet weights of a detectron2 ``.pkl`` (``{'model': {name: numpy array}, '__author__': ...,
+    'matching_heuristics': True}``, as ``launch/export.py --format detectron2`` and MoCo's converter write it) as
+    a torchvision-named state_dict. A full detectron2 model's ``backbone.bottom_up.*`` keys are taken, its other
+    keys dropped. Read with an unpickler that allows numpy arrays only; anything else raises
+    :class:`UnsafeCheckpointError` / :class:`CheckpointError` (one line naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"checkpoint {path}: {what} (expected a detectron2 .pkl)")
+    expected = "expected a detectron2 .pkl: a pickled dict {'model': {name: numpy array}}"
+    try:
+        with open(path, "rb") as f:
+            data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        if str(err).startswith("refused"):
+            raise UnsafeCheckpointError(f"checkpoint {path} holds pickled Python objects besides numpy arrays "
+                                        f"({err}); it is refused for safety ({expected})") from None
+        raise CheckpointError(f"checkpoint {path} is not a readable pickle ({_first_line(err)}); {expected}") from None
+    except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, ImportError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a pickle ({_first_line(err)}); "
+                              f"{expected}") from None
+    model = data.get("model") if isinstance(data, Mapping) else None
+    if not isinstance(model, Mapping) or not model:
+        raise CheckpointError(f"checkpoint {path} has no 'model' dict of arrays; {expected}")
+    if any(str(k).startswith("backbone.bottom_up.") for k in model):
+        model = {k[len("backbone.bottom_up."):]: v for k, v in model.items() if k.startswith("backbone.bottom_up.")}
+    out: Dict[str, torch.Tensor] = OrderedDict()
+    for key, value in model.items():
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
+            what = type(value).__name__ if not isinstance(value, np.ndarray) else f"array of dtype {value.dtype}"
+            raise CheckpointError(f"checkpoint {path}: model[{key!r}] is a {what}; {expected} (numeric)")
+        out[torchvision_name(str(key))] = torch.from_numpy(np.ascontiguousarray(value))
+    return out
 
 
 def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -182,10 +263,13 @@ def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
 
 def load_backbone_weights(backbone: nn.Module, source: Union[PathLike, Mapping[str, Any]], *,
                           strict: bool = True) -> Dict[str, list]:
-    """Load backbone weights from any supported file; raise listing missing/unexpected keys on mismatch."""
+    """Load backbone weights from any supported file (``.pth`` checkpoints and state_dicts, official MoCo files, a
+    detectron2 ``.pkl``); raise listing missing/unexpected keys on mismatch. A missing BN ``num_batches_tracked``
+    is not a mismatch (the backbone keeps its own counter)."""
     weights = backbone_state_dict(state_dict_from_file(source))
     own = backbone.state_dict()
-    missing = [k for k in own if k not in weights]
+    # BN step counters are not weights (detectron2 files and other exporters leave them out); the model keeps its own
+    missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in weights if k not in own]
     shape_errors = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in own if k in weights and weights[k].shape != own[k].shape]

@@ -1,7 +1,11 @@
-"""The official-MoCo export: a file main_moco.py (and the improved-recipe code) can resume from."""
+"""The official-MoCo export: a file main_moco.py (and the improved-recipe code) can resume from; every export
+format loads back through the --weights loader."""
 import importlib.util
 import logging
+import os
+import pickle
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -121,3 +125,72 @@ def test_moco_export_without_what_the_optimizer_needs(run, tmp_path, caplog):
         cli.main([str(tmp_path / "noconfig.pth"), "--format", "moco", "--out", str(tmp_path / "e.pth.tar"), "--optimizer"])
     message = str(err.value.code)
     assert message.startswith("error: ") and "no 'config'" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- round trips through the --weights loader
+
+def _random_backbone_checkpoint(path):
+    """A checkpoint of a randomly initialised tiny MoCo model whose BN statistics are random too (so a loader
+    that left running_mean/var at their defaults would fail)."""
+    from selfsup.moco.model import MoCo
+    torch.manual_seed(3)
+    model = MoCo(arch="resnet_tiny", hidden_dim=32, dim=16, queue_size=64)
+    for name, buf in model.encoder_q.backbone.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            buf.copy_(torch.rand_like(buf) + 0.5)
+        elif name.endswith("num_batches_tracked"):
+            buf.fill_(7)
+    ckpt.save_checkpoint({"epoch": 1, "arch": "resnet_tiny", "model": model.state_dict()}, path)
+    return model.encoder_q.backbone.state_dict()
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torchvision", ".pth"), ("detectron2", ".pkl"), ("moco", ".pth.tar")])
+def test_every_export_format_loads_back_through_weights(fmt, suffix, tmp_path):
+    """Export -> the loader every --weights uses (selfsup.checkpoint.load_backbone_weights, behind the evaluation
+    protocols' frozen_backbone and the MTL trainers) -> every tensor equal to the source backbone's."""
+    from downstream.evaluation.features import frozen_backbone
+    source = _random_backbone_checkpoint(tmp_path / "c.pth")
+    out = export.export_backbone(tmp_path / "c.pth", fmt=fmt, out=tmp_path / f"exported{suffix}",
+                                 **({"optimizer": False} if fmt == "moco" else {}))
+    mtl = build_backbone("resnet_tiny")
+    result = ckpt.load_backbone_weights(mtl, out)  # strict: raises on any missing/unexpected key
+    assert result == {"missing": [], "unexpected": []}
+    frozen = frozen_backbone("resnet_tiny", str(out), device=torch.device("cpu"))
+    skipped = {"detectron2": {k for k in source if k.endswith("num_batches_tracked")}}.get(fmt, set())
+    for net in (mtl, frozen):
+        loaded = net.state_dict()
+        for name, value in source.items():
+            if name not in skipped:  # detectron2 files carry no BN step counters
+                assert torch.equal(loaded[name], value), f"{fmt}: {name}"
+    assert fmt != "detectron2" or skipped and all(loaded[k].item() == 0 for k in skipped)
+
+
+def test_detectron2_reader_names_and_refusals(tmp_path):
+    assert ckpt.torchvision_name("stem.conv1.norm.running_var") == "bn1.running_var"
+    assert ckpt.torchvision_name("res5.2.conv3.norm.weight") == "layer4.2.bn3.weight"
+    assert ckpt.torchvision_name("res3.0.shortcut.norm.bias") == "layer2.0.downsample.1.bias"
+    assert ckpt.torchvision_name("res3.0.shortcut.weight") == "layer2.0.downsample.0.weight"
+    for name in build_backbone("resnet_tiny").state_dict():
+        assert ckpt.torchvision_name(export.detectron2_name(name)) == name
+    # MoCo's converter layout inside a full detectron2 model: only backbone.bottom_up.* is the backbone
+    full = {"model": {"backbone.bottom_up.stem.conv1.weight": np.ones((2, 3, 1, 1), np.float32),
+                      "roi_heads.box_predictor.cls_score.weight": np.zeros((3, 4), np.float32)}}
+    with open(tmp_path / "full.pkl", "wb") as f:
+        pickle.dump(full, f)
+    assert list(ckpt.load_detectron2_weights(tmp_path / "full.pkl")) == ["conv1.weight"]
+
+    class Payload:  # a global outside numpy's array reconstruction: never imported, never called
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": Payload()}}, f)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=r"evil\.pkl.*refused global (posix|os)\.system") as err:
+        ckpt.load_backbone_weights(build_backbone("resnet_tiny"), tmp_path / "evil.pkl")
+    assert "\n" not in str(err.value)
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x04not a pickle")
+    (tmp_path / "tensors.pkl").write_bytes(pickle.dumps({"model": {"stem.conv1.weight": np.array(["a"])}}))
+    for bad, message in (("junk.pkl", "not a readable pickle|truncated"), ("tensors.pkl", "dtype <U1")):
+        with pytest.raises(ckpt.CheckpointError, match=message) as err:
+            ckpt.load_backbone_weights(build_backbone("resnet_tiny"), tmp_path / bad)
+        assert bad in str(err.value) and "\n" not in str(err.value)
