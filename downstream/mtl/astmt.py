@@ -4,8 +4,13 @@ One network, one forward pass per task selected by a task id. The backbone's blo
 decoder are shared; per task they carry squeeze-and-excitation modulation and residual adapters (see
 ``task_conditioning.py``). A task discriminator reads the gradient of each task's loss with respect to the
 shared decoder features (normalised per pixel) through a gradient-reversal layer: the discriminator learns to
-tell the tasks apart, the network learns to make their gradients indistinguishable. The shared layers train
-at lr / T (:meth:`ASTMT.param_groups`).
+tell the tasks apart, the network learns to make their gradients indistinguishable.
+
+Defaults as the published code (``experiments/dense_predict/pascal_resnet/{config,main}.py``): per-task BN in
+every backbone block and its shortcut (``--trNorm True``; ``encoder_task_norm=False`` shares it), and lr scales
+for the summed loss equivalent to its one SGD step per task pass: shared × 1, task-specific × T, discriminator
+× 10 (``lr_scales="published"``); ``lr_scales="mean"`` gives the same ratios T times lower (shared / T,
+task-specific × 1, discriminator × 10 / T). See :meth:`ASTMT.param_groups`.
 
 Training runs every task on the batch inside ``forward`` and returns all outputs, so the summed task losses
 and one backward give the sum of the per-task gradients. The discriminator needs the task losses: ``forward``
@@ -20,13 +25,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from selfsup.checkpoint import CheckpointMismatchError, load_backbone_weights
+from selfsup.checkpoint import CheckpointMismatchError, backbone_state_dict, load_backbone_weights, state_dict_from_file
 
 from .encoder import Encoder
 from .layers import ASPP, PredictionConv, resize
 from .registry import ARCHITECTURES
-from .task_conditioning import (TaskModules, TaskSE, TaskSelector, check_resnet, condition_resnet, grad_reverse,
-                                task_adapters, task_specific_parameters)
+from .task_conditioning import (TaskModules, TaskSE, TaskSelector, check_resnet, condition_resnet,
+                                expand_task_norm_weights, grad_reverse, task_adapters, task_specific_parameters)
 
 
 class TaskConvUnit(nn.Module):
@@ -72,18 +77,25 @@ class TaskDeepLabV3Plus(nn.Module):
         return self.process_conv(self.concat_conv(torch.cat([high, low], dim=1)))
 
 
+LR_SCALES = ("published", "mean")
+
+
 class ASTMT(nn.Module):
     def __init__(self, encoder: Encoder, *, tasks: Sequence[str], auxiliary: Sequence[str], channels: Mapping[str, int],
                  decoder_channels: int = 256, aspp_rates: Sequence[int] = (6, 12, 18), se: bool = True,
                  adapters: bool = True, decoder_task_norm: bool = True, discriminator: bool = True,
-                 discriminator_weight: float = 0.01, grl_scale: float = 1.0, discriminator_lr_scale: float = 10.0) -> None:
+                 discriminator_weight: float = 0.01, grl_scale: float = 1.0, discriminator_lr_scale: float = 10.0,
+                 lr_scales: str = "published", encoder_task_norm: bool = True) -> None:
         super().__init__()
+        if lr_scales not in LR_SCALES:
+            raise ValueError(f"model.astmt.lr_scales={lr_scales!r}: expected one of {', '.join(LR_SCALES)}")
+        self.lr_scales = lr_scales
         self.tasks, self.auxiliary = tuple(tasks), tuple(auxiliary)
         self.all_tasks = (*self.tasks, *self.auxiliary)
         backbone = encoder.backbone
         check_resnet(backbone, "astmt")
         self.selector = TaskSelector(self.all_tasks)
-        condition_resnet(backbone, self.selector, se=se, adapters=adapters)
+        condition_resnet(backbone, self.selector, se=se, adapters=adapters, task_norm=encoder_task_norm)
         self.encoder = Encoder(backbone)  # the DeepLab-v3+ decoder reads the backbone directly (no neck)
         feat = backbone.feature_channels
         self.decoder = TaskDeepLabV3Plus(self.selector, low_channels=feat[0], high_channels=feat[-1],
@@ -138,21 +150,32 @@ class ASTMT(nn.Module):
         return {"task_discriminator": self.discriminator_weight * loss}
 
     def param_groups(self) -> List[Dict[str, object]]:
-        """Shared layers at lr / T (every task's pass updates them), task-specific ones at lr, the discriminator at
-        ``discriminator_lr_scale`` × the shared lr (the published code: task-specific × T, discriminator × 10)."""
+        """lr scales of the shared layers, the task-specific modules (SE, adapters, per-task BN, prediction) and the
+        discriminator. ``published``: 1, T, ``discriminator_lr_scale`` (10). The published code steps SGD after
+        each task's pass at shared lr, task-specific lr × T, discriminator lr × 10; one step on the summed losses
+        at these scales moves every weight as far (to first order). ``mean``: 1/T, 1, ``discriminator_lr_scale``/T."""
         T = len(self.all_tasks)
-        own = {id(p) for ps in task_specific_parameters(self).values() for p in ps}
+        shared, own, dscr_scale = ((1.0, float(T), self.discriminator_lr_scale) if self.lr_scales == "published"
+                                   else (1.0 / T, 1.0, self.discriminator_lr_scale / T))
+        own_ids = {id(p) for ps in task_specific_parameters(self).values() for p in ps}
         dscr = {id(p) for p in self.discriminator.parameters()} if self.discriminator is not None else set()
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if id(p) not in own | dscr], "lr_scale": 1.0 / T},
-                  {"params": [p for p in params if id(p) in own], "lr_scale": 1.0}]
+        groups = [{"params": [p for p in params if id(p) not in own_ids | dscr], "lr_scale": shared},
+                  {"params": [p for p in params if id(p) in own_ids], "lr_scale": own}]
         if dscr:
-            groups.append({"params": [p for p in params if id(p) in dscr], "lr_scale": self.discriminator_lr_scale / T})
+            groups.append({"params": [p for p in params if id(p) in dscr], "lr_scale": dscr_scale})
         return groups
 
     def load_backbone_weights(self, source) -> Dict[str, list]:
-        """Pretrained backbone weights into the shared layers; only the task-specific SE/adapters stay as built."""
-        result = load_backbone_weights(self.encoder.backbone, source, strict=False)
+        """Pretrained backbone weights into the shared layers (its BN into every task's BN when the encoder BN is
+        per task); only the task-specific SE/adapters stay as built."""
+        backbone = self.encoder.backbone
+        weights = backbone_state_dict(state_dict_from_file(source))
+        weights = expand_task_norm_weights(weights, list(backbone.state_dict()))
+        try:
+            result = load_backbone_weights(backbone, weights, strict=False)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(str(err).replace("weights from state_dict", f"weights from {source}")) from None
         extra = [k for k in result["missing"] if ".se." not in k and ".adapters." not in k]
         if extra or result["unexpected"]:
             raise CheckpointMismatchError(f"weights from {source} do not match the ASTMT backbone: missing "
@@ -167,6 +190,7 @@ def astmt(*, encoder: Encoder, tasks: Sequence[str], auxiliary: Sequence[str] = 
     o = astmt_options
     kw = {} if o is None else dict(se=o.se, adapters=o.adapters, decoder_task_norm=o.decoder_task_norm,
                                    discriminator=o.discriminator, discriminator_weight=o.discriminator_weight,
-                                   grl_scale=o.grl_scale, discriminator_lr_scale=o.discriminator_lr_scale)
+                                   grl_scale=o.grl_scale, discriminator_lr_scale=o.discriminator_lr_scale,
+                                   lr_scales=o.lr_scales, encoder_task_norm=o.encoder_task_norm)
     return ASTMT(encoder, tasks=tasks, auxiliary=auxiliary, channels=channels, decoder_channels=head_channels,
                  aspp_rates=aspp_rates, **kw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from selfsup.config import check_counts
+from selfsup.config import ConfigError, check_counts
 
 
 @dataclass
@@ -46,6 +46,44 @@ class ASTMTConfig:
     discriminator_weight: float = 0.01
     grl_scale: float = 1.0  # gradient-reversal factor
     discriminator_lr_scale: float = 10.0  # discriminator lr relative to the shared layers' (published: 10)
+    # lr multipliers for the summed task losses: published = shared x1, task-specific xT, discriminator
+    # x discriminator_lr_scale (the published per-task SGD steps); mean = shared x1/T, task-specific x1,
+    # discriminator x discriminator_lr_scale/T (the same ratios, T times lower; before)
+    lr_scales: str = "published"
+    encoder_task_norm: bool = True  # per-task BN in every backbone block (published --trNorm True); false = shared
+
+    def __post_init__(self) -> None:
+        if self.lr_scales not in ("published", "mean"):
+            raise ConfigError(f"model.astmt.lr_scales={self.lr_scales!r}: expected published or mean")
+
+
+@dataclass
+class FusionConfig:
+    """Options of ``model.arch=cross_stitch`` and ``nddr`` (docs/mtl.md)."""
+    lr_scale: float = 100.0  # lr of the fusion units (cross-stitch α, NDDR convs + BN) / the rest's (MTLP: 100)
+    # published: own task 0.9, every other task 0.1 (MTLP's alpha/beta); split: 0.1 split over the other tasks
+    init: str = "published"
+    nddr_bn_momentum: float = 0.05  # NDDR units' BN momentum (MTLP, from the NDDR-CNN code); 0.1 = PyTorch's
+    nddr_stem: bool = True  # NDDR: also fuse after the stem (5 fusion points, MTLP); false = after the 4 stages
+
+    def __post_init__(self) -> None:
+        if self.init not in ("published", "split"):
+            raise ConfigError(f"model.fusion.init={self.init!r}: expected published or split")
+        if not self.lr_scale > 0 or not 0 < self.nddr_bn_momentum <= 1:
+            raise ConfigError(f"model.fusion: lr_scale={self.lr_scale!r} must be > 0 and "
+                             f"nddr_bn_momentum={self.nddr_bn_momentum!r} in (0, 1]")
+
+
+@dataclass
+class MTANConfig:
+    """Options of ``model.arch=mtan`` (docs/mtl.md)."""
+    # the shared block f_s between attention modules: bottleneck = a Bottleneck with C_s/4 planes and C_s outputs
+    # (lorenmt/mtan, MTLP); conv = one 3x3 conv-BN-ReLU to C_s/4 (narrower and cheaper; before)
+    shared_block: str = "bottleneck"
+
+    def __post_init__(self) -> None:
+        if self.shared_block not in ("bottleneck", "conv"):
+            raise ConfigError(f"model.mtan.shared_block={self.shared_block!r}: expected bottleneck or conv")
 
 
 @dataclass
@@ -76,6 +114,8 @@ class ModelConfig:
     # "none" (PyTorch's default init, the output starts near 0 m) or a depth in metres such as "2.5"
     depth_init: str = "train_mean"
     astmt: ASTMTConfig = field(default_factory=ASTMTConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # cross_stitch / nddr
+    mtan: MTANConfig = field(default_factory=MTANConfig)
     # cross_stitch / nddr: {task: single-task run's checkpoint.pth} to start that task's branch from (fresh runs)
     task_checkpoints: Dict[str, str] = field(default_factory=dict)
 

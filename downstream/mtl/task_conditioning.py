@@ -3,14 +3,16 @@
 * :class:`TaskModules` - a ``ModuleDict`` keyed by task whose entries only that task's forward pass uses;
   :func:`task_specific_parameters` finds them (tests check they get gradients from their own task only).
 * :class:`TaskSE` - per-task squeeze-and-excitation that starts as the identity (``x * 2σ(0) = x``).
-* :class:`TaskConditionedBlock` - a torchvision Basic/Bottleneck block with per-task SE and per-task residual
-  adapters (a 1x1 conv parallel to every 3x3 conv, zero-initialised) that keeps the block's parameter names,
-  so a plain backbone checkpoint loads into the shared layers.
+* :class:`TaskConditionedBlock` - a torchvision Basic/Bottleneck block with per-task SE, per-task residual
+  adapters (a 1x1 conv parallel to every 3x3 conv, zero-initialised) and optionally per-task BN
+  (:class:`TaskBatchNorm`, copies of the block's BN) that keeps the block's conv names, so a plain backbone
+  checkpoint loads into the shared layers (:func:`expand_task_norm_weights` fans its BN out to every task).
 * :func:`grad_reverse` - the gradient-reversal layer (identity forward, ``-scale * grad`` backward).
 * :func:`resnet_stage` - run one stage of a ``ResNetBackbone`` (the stem belongs to stage 0).
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Sequence
 
 import torch
@@ -97,6 +99,33 @@ def task_adapters(selector: TaskSelector, conv: nn.Conv2d) -> TaskModules:
     return adapters
 
 
+class TaskBatchNorm(nn.Module):
+    """One BN per task (``per_task.<task>``), each a copy of ``bn`` (same weights and statistics at start)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, selector: TaskSelector) -> None:
+        super().__init__()
+        self.selector = selector
+        self.per_task = TaskModules({t: copy.deepcopy(bn) for t in selector.tasks})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.per_task[self.selector.current()](x)
+
+
+def expand_task_norm_weights(weights: Dict[str, torch.Tensor], model_keys: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """A plain backbone state_dict with every ``X.bn.k`` as ``X.bn.per_task.<task>.k`` for each task where the model
+    has a :class:`TaskBatchNorm` there (the published code copies the pretrained BN into every task's BN)."""
+    out, fanned = dict(weights), set()
+    for key in model_keys:
+        head, sep, tail = key.partition(".per_task.")
+        if sep and key not in out:
+            source = f"{head}.{tail.split('.', 1)[1]}"  # drop the task name
+            if source in weights:
+                out[key] = weights[source]
+                fanned.add(source)
+    keys = set(model_keys)
+    return {k: v for k, v in out.items() if k not in fanned or k in keys}
+
+
 class TaskConditionedBlock(nn.Module):
     """A torchvision ResNet block with per-task SE (on the residual branch, before the sum) and adapters.
 
@@ -105,7 +134,7 @@ class TaskConditionedBlock(nn.Module):
     """
 
     def __init__(self, block: nn.Module, selector: TaskSelector, *, se: bool = True, adapters: bool = True,
-                 se_reduction: int = 16) -> None:
+                 task_norm: bool = False, se_reduction: int = 16) -> None:
         super().__init__()
         if not isinstance(block, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
             raise TypeError(f"task conditioning needs torchvision Basic/Bottleneck blocks, got {type(block).__name__}")
@@ -114,11 +143,16 @@ class TaskConditionedBlock(nn.Module):
         for name, module in block.named_children():
             setattr(self, name, module)
         self.downsample = block.downsample
+        if task_norm:  # per-task BN in the block and its shortcut (the published --trNorm True)
+            for name in ("bn1", "bn2", "bn3") if self.bottleneck else ("bn1", "bn2"):
+                setattr(self, name, TaskBatchNorm(getattr(self, name), selector))
+            if self.downsample is not None:
+                self.downsample[1] = TaskBatchNorm(self.downsample[1], selector)
         # adapters beside every 3x3 conv: conv2 of a Bottleneck, conv1 and conv2 of a BasicBlock
         self.three_by_three = ["conv2"] if self.bottleneck else ["conv1", "conv2"]
         self.adapters = (nn.ModuleDict({n: task_adapters(selector, getattr(self, n)) for n in self.three_by_three})
                          if adapters else None)
-        out_channels = (self.bn3 if self.bottleneck else self.bn2).num_features
+        out_channels = (self.conv3 if self.bottleneck else self.conv2).out_channels
         self.se = TaskSE(selector, out_channels, se_reduction) if se else None
 
     def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ def model_from_config(cfg: MTLConfig, *, arch: str | None = None, tasks: TaskSet
                        neck=m.neck, fpn_channels=m.fpn_channels, head=m.head, head_channels=m.head_channels,
                        task_channels=m.task_channels, aspp_rates=m.aspp_rates, widths=m.widths,
                        fpm_softmax=m.fpm_softmax, fpm_reduction=m.fpm_reduction, astmt_options=m.astmt,
+                       fusion_options=m.fusion, mtan_options=m.mtan,
                        branching=m.branching, branch_points=m.branch_points)
 
 
