@@ -236,7 +236,16 @@ def test_pascal_configs_default_to_the_published_training_transforms(repo, pasca
 
 @pytest.mark.timeout(120)
 def test_published_model_sizes_reproduce_the_relative_costs():
+    """MTI-Net / PAD-Net / MTL baseline params and FLOPs relative to the single-task set at the published setting
+    (NYUD semseg + depth, HRNet-18, no neck) against the MTI-Net paper's table (which MTLP reports): MTI-Net +57%
+    params / −13% FLOPs. Measured: +54.1% / −12.5%. Tolerance ±5 points: the paper rounds to whole percent, and
+    the residual is counting detail, not widths (our distillation convs carry biases, the ST set is 7.87M vs the
+    paper's 8.0M, i.e. −1.6% in the denominator alone); the released code's FPM (N·C/4) gives +9.0% and the narrow
+    CPU widths (task_channels 64) −10.4%, so either would fail. ``widths=published`` is the default of every entry point
+    (``ModelConfig.widths``)."""
     from downstream.mtl.bench import architecture_costs
+    from downstream.mtl.config import ModelConfig
+    assert ModelConfig().widths == "published" and ModelConfig().fpm_reduction == 0  # 0 = N*C at published widths
     from downstream.mtl.flops import relative_report
     from downstream.mtl.tasks import TaskSet
 
