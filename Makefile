@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# pytest-xdist workers of `make test` (one core each; tests/conftest.py groups tests that share fixtures)
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast gpu-wheels slurm-start slurm-stop clean
@@ -22,7 +24,7 @@ demo: setup
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 test: setup
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

@@ -8,7 +8,34 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-torch.set_num_threads(2)
+# `make test` runs the suite on 2 pytest-xdist workers (`-n 2`): each then computes on one core, so the two never
+# oversubscribe the 2-core CI machine (OpenMP threads spinning against each other); run alone, a test gets both.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if XDIST_WORKER else 2)
+
+# The session fixtures whose users must share one xdist worker (one build per session, not one per worker).
+SHARED_SESSION_FIXTURES = ("objects_moco_run",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Groups for `--dist loadgroup`: the tests of one file stay on one worker (module fixtures are built once);
+    the users of a shared session fixture, and the SLURM tests (one cluster), form one group each. Those groups
+    run first, as they are the longest: the other worker takes the rest meanwhile."""
+    def group(item) -> str:
+        for name in SHARED_SESSION_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                return name
+        if item.get_closest_marker("slurm"):
+            return "slurm"
+        return item.nodeid.split("::")[0]
+
+    first = set(SHARED_SESSION_FIXTURES) | {"slurm"}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) not in first)  # stable: file order kept within each part
 
 
 @pytest.fixture(scope="session")
