@@ -12,8 +12,8 @@ The resolved config goes to <output-dir>/config.yaml (default output dir: the fo
 config.export.yaml when that folder holds another run's config.yaml, e.g. the pretraining run's).
 Config keys (key=value, or YAML with --config): output_dir, weights, format, out, optimizer.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: the dataclass below must also build when this file is loaded by path
+# (importlib without a sys.modules entry), which string annotations would need
 import argparse
 import dataclasses
 from dataclasses import dataclass
