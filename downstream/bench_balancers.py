@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from selfsup.cli import DEBUG_ENV, debug_from_env, run_main, user_errors
 from selfsup.config import load_config
 from selfsup.device import sync_device
 
@@ -320,7 +321,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     c.add_argument("--threads", type=int, default=0, help="OMP threads per run (default: cores / jobs)")
     for q in (o, c):
         q.add_argument("--balancers", nargs="+", default=balancer_names(), help="default: all, fixed first")
-        q.add_argument("overrides", nargs="*", help="MTLConfig overrides key=value")
+        q.add_argument("overrides", nargs="*", help="MTLConfig overrides key=value (of every run)")
+        q.add_argument("--debug", action="store_true", default=debug_from_env(),
+                       help=f"show the full traceback of a user error (also with {DEBUG_ENV}=1)")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value anywhere, also after flags
     args = p.parse_args([a for a in argv if a not in overrides])
@@ -335,6 +338,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> Any:
     args = parse_args(argv)
+    with user_errors(args.debug):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> Any:
     if args.command == "compare":
         return compare(args)
     folder, default_tasks, _ = DATASETS[args.dataset]
@@ -352,4 +360,4 @@ def main(argv: Optional[List[str]] = None) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,32 +19,44 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from selfsup.config import merge, parse_overrides
-from selfsup.launcher import user_errors
+from selfsup.cli import entry_parser, parse, run_main, user_errors
+from selfsup.config import ConfigError, load_yaml, merge, parse_overrides
 
 from downstream.mtl.branch_plan import branched_config, config_of, format_front, load_affinity, search
 from downstream.mtl.tree_plot import draw_tree
 from downstream.mtl.tree_search import format_tree, tree_to_lists
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="changes to the stored config key=value (e.g. epochs=60 output_dir=...)")
+def build_parser() -> argparse.ArgumentParser:
+    p = entry_parser(__doc__, config_help="YAML of changes to the affinity file's stored config (before key=value)",
+                     output_help="branched.yaml (the resolved config that trains the tree), tree.png, tree.json go "
+                                 "here (default: next to the affinity file)",
+                     overrides_help="changes to the stored config key=value (e.g. epochs=60 output_dir=...)")
     p.add_argument("--affinity", required=True, help="affinity.npz of downstream/task_affinity.py")
     choice = p.add_mutually_exclusive_group(required=True)
     choice.add_argument("--budget-params", type=float, help="parameter budget of the whole network (e.g. 25e6)")
     choice.add_argument("--budget-flops", type=float, help="FLOPs budget per image at the training crop (e.g. 80e9)")
     choice.add_argument("--alpha", type=float, help="weight of the complexity cost (the paper's α)")
     p.add_argument("--beam", type=int, default=1, help="with --alpha: groupings kept per depth (paper: 1 or 3)")
-    p.add_argument("--output-dir", help="branched.yaml, tree.png, tree.json go here (default: next to the affinity file)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return parse(build_parser(), argv)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
-    with user_errors():
+    with user_errors(args.debug):
         affinity = load_affinity(args.affinity)
-        cfg = merge(config_of(affinity), parse_overrides(args.overrides))
+        cfg = config_of(affinity)
+        for source, read in ((args.config, lambda: load_yaml(args.config)), ("command-line overrides",
+                                                                             lambda: parse_overrides(args.overrides))):
+            if source:
+                try:
+                    cfg = merge(cfg, read())
+                except (TypeError, ValueError) as err:
+                    raise ConfigError(f"{source}: {err}") from None
         result = search(affinity, cfg, budget_params=args.budget_params, budget_flops=args.budget_flops,
                         alpha=args.alpha, beam=args.beam)
     out = Path(args.output_dir) if args.output_dir else Path(args.affinity).parent
@@ -66,4 +78,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -177,7 +177,7 @@ class Chain:
         from selfsup.moco.config import PretrainConfig
 
         return load_config(PretrainConfig, yaml_path=_path(self.cfg.pretrain_config),
-                           overrides=list(self.cfg.pretrain_overrides)).model.arch
+                           overrides=list(self.cfg.pretrain_overrides)).model.backbone
 
     def finetune(self, arm: str, weights: str) -> Dict[str, Any]:
         from downstream.mtl.config import MTLConfig
@@ -245,7 +245,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     chain = Chain(cfg)
     chain.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, chain.out / "demo_config.yaml")
+    save_config(cfg, chain.out / "config.yaml")
     checkpoint = chain.pretrain()
     weights = {"pretrained": str(chain.export(checkpoint)), "random": "none"}
     results: Dict[str, Dict[str, Any]] = {arm: {} for arm in ARMS}

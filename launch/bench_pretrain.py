@@ -5,8 +5,10 @@
   (c) end to end, CPU path: torchvision/PIL augmentation in DataLoader workers + step
 plus each loader alone, peak GPU memory and the ratios b/a and b/c.
 
-    python launch/bench_pretrain.py --arch resnet50 --recipe ours --batch-size 256 --steps 50 --data /coco/train2017
-    python launch/bench_pretrain.py --arch resnet18 --recipe moco --batch-size 8 --steps 3   # CPU smoke run
+    python launch/bench_pretrain.py --backbone resnet50 --recipe ours --batch-size 256 --steps 50 --data /coco/train2017
+    python launch/bench_pretrain.py --backbone resnet18 --recipe moco batch_size=8 steps=3   # CPU smoke run
+Every flag is also a config key (its name with '_'), for key=value and --config YAML; --output-dir writes
+results.json and config.yaml there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfsup.cli import BACKBONES_HELP, apply_flag_config, entry_parser, parse, run_main, user_errors, write_config
 from selfsup.augment import AugmentConfig, PretrainLoader, build_pretrain_loader
 from selfsup.device import sync_device
 from selfsup.moco.model import MoCo
@@ -145,9 +148,11 @@ def run(args: argparse.Namespace, step_fn: Optional[StepFn] = None) -> dict:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50")
+def build_parser() -> argparse.ArgumentParser:
+    parser = entry_parser(__doc__, config_help="YAML of flag values (keys: the flags' names with '_')",
+                          output_help="write results.json here (default: print only)",
+                          backbone=f"backbone: {BACKBONES_HELP} (default resnet50)",
+                          overrides_help="flag values key=value, e.g. batch_size=8 steps=3")
     parser.add_argument("--recipe", default="ours", choices=["moco", "multicrop", "ours"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
@@ -159,7 +164,19 @@ def main() -> None:
     parser.add_argument("--jpeg-size", default="640x480", help="WIDTHxHEIGHT of the generated JPEGs (COCO-like)")
     parser.add_argument("--output", help="also write the results as JSON here")
     parser.add_argument("--generate", metavar="DIR", help="only write the generated JPEGs into DIR, then exit")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
+    args = parse(parser, argv)
+    with user_errors(args.debug):
+        cfg = apply_flag_config(parser, args, "BenchPretrainConfig")
+        args.arch = args.backbone or "resnet50"
+        _main(args, cfg)
+
+
+def _main(args: argparse.Namespace, cfg: object) -> None:
     size = tuple(int(v) for v in args.jpeg_size.lower().split("x"))
     count = args.images or args.batch_size * (args.steps + 3)
     if args.generate:
@@ -175,10 +192,14 @@ def main() -> None:
     for name, value in results.items():
         unit = "GiB" if name.endswith("gib") else ("x" if name.startswith("ratio") else "img/s")
         print(f"  {name:22s} {value:10.1f} {unit}")
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.output_dir:
+        write_config(cfg, args.output_dir, entry="launch/bench_pretrain.py")
+    outputs = ([args.output] if args.output else []) + ([os.path.join(args.output_dir, "results.json")]
+                                                         if args.output_dir else [])
+    for path in outputs:
+        with open(path, "w") as f:
             json.dump({"args": vars(args), "device": device, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

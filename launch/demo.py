@@ -7,7 +7,7 @@ summary.png into the output dir. A rerun of the same output dir resumes: finishe
 
 Examples:
   python launch/demo.py                                        # configs/demo.yaml -> runs/demo
-  python launch/demo.py checkpoint=runs/x/checkpoint.pth       # skip pretraining, use this checkpoint
+  python launch/demo.py --weights runs/x/checkpoint.pth        # skip pretraining, use this checkpoint (checkpoint=)
   python launch/demo.py seed=1 --output-dir runs/demo_seed1    # another fine-tuning/probe/random-init seed
   python launch/demo.py 'steps=[finetune]' finetune_overrides='[epochs=5]'
 Keys (configs/demo.yaml, downstream/demo.py DemoConfig): output_dir, seed, steps, pretrain_config,
@@ -20,23 +20,30 @@ import argparse
 from pathlib import Path
 from typing import List, Optional
 
-from selfsup.launcher import user_errors
+from selfsup.cli import entry_parser, launch, parse, run_main, user_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return entry_parser(__doc__, config_help="demo YAML (default configs/demo.yaml)",
+                        output_help="run directory (default runs/demo); a rerun resumes it",
+                        weights="an existing pretraining checkpoint: skip the pretraining step (config key checkpoint)",
+                        launch=True, overrides_help="config overrides key=value, e.g. seed=1 checkpoint=ck.pth")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. seed=1 checkpoint=ck.pth")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default configs/demo.yaml)")
-    p.add_argument("--output-dir", help="run directory (default runs/demo); a rerun resumes it")
-    args = p.parse_intermixed_args(argv)
+    args = parse(build_parser(), argv)
     from downstream.demo import load_demo_config, run_demo
 
-    with user_errors():
-        overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-        run_demo(load_demo_config(args.config, overrides))
+    def make_cfg(extra: List[str]):
+        flags = [f"output_dir={args.output_dir}"] if args.output_dir else []
+        flags += [f"checkpoint={args.weights}"] if args.weights else []
+        return load_demo_config(args.config or str(DEFAULT_CONFIG), flags + list(args.overrides) + list(extra))
+
+    with user_errors(args.debug):
+        launch(run_demo, make_cfg, args, processes=False)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -53,16 +53,16 @@ fi
 
 if [ "$SMOKE" = 1 ]; then
     DEVICE=cpu
-    PRETRAIN=(--arch resnet_tiny --batch-size 4 --steps 1 --workers 0 --images 8 --jpeg-size 96x72 --device cpu)
-    MTL=(--arch resnet_tiny --narrow --height 64 --width 64 --batch-size 2 --steps 1 --warmup 1 --models mti_net
+    PRETRAIN=(--backbone resnet_tiny --batch-size 4 --steps 1 --workers 0 --images 8 --jpeg-size 96x72 --device cpu)
+    MTL=(--backbone resnet_tiny --narrow --height 64 --width 64 --batch-size 2 --steps 1 --warmup 1 --models mti_net
          --device cpu)
     TESTS=(-q -rs -p no:cacheprovider)
 else
     DEVICE=cuda
     nvidia-smi -L || true
-    PRETRAIN=(--arch resnet50 --batch-size 256 --steps 10 --workers "$CORES" --images 2048 --jpeg-size 640x480
+    PRETRAIN=(--backbone resnet50 --batch-size 256 --steps 10 --workers "$CORES" --images 2048 --jpeg-size 640x480
               --device cuda)
-    MTL=(--arch hrnet18 --dataset nyud --tasks semseg depth --height 480 --width 640 --batch-size 8 --steps 30
+    MTL=(--backbone hrnet18 --dataset nyud --tasks semseg depth --height 480 --width 640 --batch-size 8 --steps 30
          --warmup 5 --device cuda)
     TESTS=(-q -rs -p no:cacheprovider)
 fi

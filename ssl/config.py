@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,23 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key."""
+
+
+_WARNED: set = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One line on stderr (once per process): ``old`` (a flag or config key) still works for one release."""
+    if (old, new) in _WARNED:
+        return
+    _WARNED.add((old, new))
+    print(f"warning: {old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr,
+          flush=True)
+
+
+def renamed_keys(schema: Any) -> Dict[str, str]:
+    """A section's former key names: ``RENAMED_KEYS = {"arch": "backbone"}`` on the dataclass (old -> new)."""
+    return dict(getattr(schema, "RENAMED_KEYS", {}) or {})
 
 
 class _Loader(yaml.SafeLoader):
@@ -109,19 +127,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
 
 
-def merge(cfg: T, updates: Mapping[str, Any], *, prefix: str = "") -> T:
-    """Return a copy of dataclass ``cfg`` with ``updates`` (nested mapping) applied, strictly typed."""
+def merge(cfg: T, updates: Mapping[str, Any], *, prefix: str = "", warn_renamed: bool = True) -> T:
+    """Return a copy of dataclass ``cfg`` with ``updates`` (nested mapping) applied, strictly typed.
+
+    A section's former key names (``RENAMED_KEYS``) are read as the new ones, with a deprecation warning unless
+    ``warn_renamed`` is false (configs stored in older checkpoints)."""
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg)}
+    renamed = renamed_keys(type(cfg))
     changes = {}
     for key, value in updates.items():
+        if key in renamed and key not in fields:
+            if renamed[key] in updates:
+                raise ConfigError(f"config keys '{prefix}{key}' and '{prefix}{renamed[key]}' are the same setting "
+                                  f"('{prefix}{key}' is its former name): give one")
+            if warn_renamed:
+                warn_deprecated(f"config key '{prefix}{key}'", f"'{prefix}{renamed[key]}'")
+            key = renamed[key]
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'; allowed keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
                               f"{', '.join(sorted(fields))}")
         tp = hints[key]
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            changes[key] = merge(current, value, prefix=f"{prefix}{key}.")
+            changes[key] = merge(current, value, prefix=f"{prefix}{key}.", warn_renamed=warn_renamed)
         else:
             changes[key] = _coerce(value, tp, prefix + key)
     return dataclasses.replace(cfg, **changes)
@@ -187,6 +216,21 @@ def load_config(schema: Type[T], *, yaml_path: Optional[Union[str, Path]] = None
             message = str(err)
             raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
     return cfg
+
+
+def upgrade_keys(schema: Any, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """A stored config (nested dict) with the former key names of ``schema``'s sections renamed to the current ones
+    (for comparing an older checkpoint's config with a new run's)."""
+    renamed = renamed_keys(schema)
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    out: Dict[str, Any] = {}
+    for key, value in config.items():
+        new = renamed.get(key, key) if key not in hints else key
+        tp = hints.get(new)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(tp):
+            value = upgrade_keys(tp, value)
+        out[new] = value
+    return out
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

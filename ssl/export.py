@@ -81,10 +81,10 @@ def _query_parameters(config: Mapping[str, Any]) -> List[Tuple[str, torch.Size]]
     from selfsup.moco.config import ModelConfig
     from selfsup.moco.model import Encoder
 
-    cfg = merge(ModelConfig(), config.get("model", {}), prefix="model.")  # the model section only: other sections
+    cfg = merge(ModelConfig(), config.get("model", {}), prefix="model.", warn_renamed=False)  # the model section only: other sections
     # of an older run's config may hold keys this version no longer knows
     with torch.device("meta"):
-        encoder = Encoder(build_backbone(cfg.arch), hidden_dim=cfg.hidden_dim, out_dim=cfg.dim, head_bn=cfg.head_bn)
+        encoder = Encoder(build_backbone(cfg.backbone), hidden_dim=cfg.hidden_dim, out_dim=cfg.dim, head_bn=cfg.head_bn)
     return [(name, p.shape) for name, p in encoder.named_parameters()]
 
 

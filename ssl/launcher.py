@@ -301,24 +301,14 @@ def launch(fn: TrainFn, make_cfg: MakeConfig, args: argparse.Namespace) -> Any:
 
 
 def user_error_types() -> Tuple[type, ...]:
-    """Exceptions that mean bad input or a stopped run, not a bug: entry points report them in one line."""
-    from selfsup.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointSaveError
-    from selfsup.config import ConfigError
-    from selfsup.data.images import DataError
-    from selfsup.rundir import RunDirLocked
+    """The user-error exceptions: :func:`selfsup.cli.user_error_types` (kept here for older imports)."""
+    from selfsup.cli import user_error_types as types
 
-    return (ConfigError, FileNotFoundError, KeyError, CheckpointError, CheckpointMismatchError, CheckpointSaveError,
-            RunDirLocked, DataError, FloatingPointError)
+    return types()
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Entry points: bad input (config keys, missing or unreadable data and checkpoints, unknown names, a busy
-    run dir, a full disk, a NaN loss) exits with one clear line, no traceback."""
-    try:
-        yield
-    except user_error_types() as err:
-        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
-        if "Original Traceback" in message:  # re-raised from a DataLoader worker: the worker's own message
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        raise SystemExit(f"error: {message}") from None
+def user_errors() -> contextlib.AbstractContextManager:
+    """:func:`selfsup.cli.user_errors` (one line, no traceback; ``--debug``/``SCENESSL_DEBUG=1``: the traceback)."""
+    from selfsup.cli import user_errors as errors
+
+    return errors()

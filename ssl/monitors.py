@@ -46,7 +46,7 @@ def davis_monitor(cfg, device: torch.device) -> Monitor:
     indices = range(min(DAVIS_SEQUENCES, len(dataset)))
 
     def monitor(backbone: nn.Module) -> Dict[str, float]:
-        extractor = dense_from_backbone(backbone, arch=cfg.model.arch)
+        extractor = dense_from_backbone(backbone, arch=cfg.model.backbone)
         return {"davis_jf": propagation_jf(extractor, dataset, indices=indices, max_frames=DAVIS_FRAMES)["J&F-Mean"]}
 
     return monitor
@@ -61,7 +61,7 @@ def retrieval_monitor(cfg, device: torch.device) -> Monitor:
     train_set, val_set = (VOC2012Segmentation("embedded", split=s) for s in ("train", "val"))
 
     def monitor(backbone: nn.Module) -> Dict[str, float]:
-        extractor = dense_from_backbone(backbone, arch=cfg.model.arch)
+        extractor = dense_from_backbone(backbone, arch=cfg.model.backbone)
         result = run_retrieval(extractor, train_set, val_set, max_images=RETRIEVAL_IMAGES, fit_stride=4,
                                progress=False)
         return {"retrieval_miou": result["miou_21"]}

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from selfsup.config import ConfigError
 
@@ -150,7 +150,8 @@ def check_resume_config(new: Mapping[str, Any], old: Mapping[str, Any], *, harml
 
 
 def open_run_dir(path: Union[str, Path], config: Mapping[str, Any], *, harmless: Iterable[str],
-                 allow_change: bool = False, checkpoint_name: str = "checkpoint.pth") -> RunDir:
+                 allow_change: bool = False, checkpoint_name: str = "checkpoint.pth",
+                 upgrade: Optional[Callable[[Mapping[str, Any]], Mapping[str, Any]]] = None) -> RunDir:
     """Create, lock and clean ``path``, then check ``config`` against the checkpoint it resumes from.
 
     Nothing but the lock file is written before the config check passes. On error the lock is released.
@@ -166,6 +167,7 @@ def open_run_dir(path: Union[str, Path], config: Mapping[str, Any], *, harmless:
         if last.is_file():
             old = load_checkpoint(last, mmap=True).get("config")  # mmap: tensors are not read
             if isinstance(old, Mapping):
+                old = upgrade(old) if upgrade is not None else old  # an older version's key names -> today's
                 changes = check_resume_config(config, old, harmless=harmless, allow_change=allow_change,
                                               checkpoint=last)
     except BaseException:

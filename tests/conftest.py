@@ -69,7 +69,7 @@ def embedded_root(_hermetic_data_cache):
 
 
 TINY_PRETRAIN = [
-    "model.arch=resnet_tiny", "model.hidden_dim=64", "model.dim=32", "augment.large_size=32",
+    "model.backbone=resnet_tiny", "model.hidden_dim=64", "model.dim=32", "augment.large_size=32",
     "augment.small_size=16", "optim.batch_size=16", "moco.queue_size=64", "data.num_workers=0",
     "train.log_every_steps=1", "train.knn_every_epochs=1",
 ]

@@ -114,7 +114,7 @@ def test_detectron2_export_names(tmp_path):
 
 def test_export_cli(tmp_path, repo):
     _moco_checkpoint(tmp_path / "c.pth")
-    res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), str(tmp_path / "c.pth"), "--format",
+    res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), "--weights", str(tmp_path / "c.pth"), "--format",
                           "torchvision", "--out", str(tmp_path / "x.pth")], capture_output=True, text=True, env=run_env())
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "x.pth").is_file()

@@ -238,7 +238,7 @@ def test_preview_grid(data_root, tmp_path):
 def test_make_data_cli(tmp_path):
     script = REPO / "launch" / "make_data.py"
     assert "--formats" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
-    subprocess.run([sys.executable, script, "--out", tmp_path, "--size", "32", "--num", "4", "--workers", "1",
+    subprocess.run([sys.executable, script, "--output-dir", tmp_path, "--size", "32", "--num", "4", "--workers", "1",
                     "--formats", "voc2012,coco"], check=True, capture_output=True)
     assert len(VOC2012Segmentation(tmp_path / "voc2012", split="train")) == 2
 

@@ -122,7 +122,7 @@ def test_moco_export_without_what_the_optimizer_needs(run, tmp_path, caplog):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     with pytest.raises(SystemExit) as err:
-        cli.main([str(tmp_path / "noconfig.pth"), "--format", "moco", "--out", str(tmp_path / "e.pth.tar"), "--optimizer"])
+        cli.main(["--weights", str(tmp_path / "noconfig.pth"), "--format", "moco", "--out", str(tmp_path / "e.pth.tar"), "--optimizer"])
     message = str(err.value.code)
     assert message.startswith("error: ") and "no 'config'" in message and "\n" not in message
 

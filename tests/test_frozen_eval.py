@@ -31,9 +31,9 @@ def test_linear_probe_separates_separable_classes():
 
 
 def test_linear_probe_cli_runs_on_embedded_data(tmp_path, repo, embedded_root):
-    out = tmp_path / "res.json"
-    res = subprocess.run([PYTHON, str(repo / "downstream" / "linear_probe.py"), "--weights", "none", "--arch",
-                          "resnet_tiny", "--size", "32", "--epochs", "2", "--out", str(out)],
+    out = tmp_path / "probe" / "results.json"
+    res = subprocess.run([PYTHON, str(repo / "downstream" / "linear_probe.py"), "--weights", "none", "--backbone",
+                          "resnet_tiny", "--size", "32", "--epochs", "2", "--output-dir", str(out.parent)],
                          capture_output=True, text=True, env=run_env(), timeout=300)
     assert res.returncode == 0, res.stderr
     import json

@@ -149,7 +149,7 @@ def _run(repo, script, *args):
 @pytest.mark.timeout(300)
 def test_davis_propagation_cli_on_embedded_data(tmp_path, repo, embedded_root):
     out = tmp_path / "davis"
-    _run(repo, "davis_propagation.py", "--weights", "none", "--arch", "resnet_tiny", "--output-dir", str(out))
+    _run(repo, "davis_propagation.py", "--weights", "none", "--backbone", "resnet_tiny", "--output-dir", str(out))
     result = json.loads((out / "results.json").read_text())
     assert {"J&F-Mean", "J-Mean", "F-Mean", "frames_per_s"} <= set(result) and 0 <= result["J&F-Mean"] <= 100
     header = (out / "global_results-val.csv").read_text().splitlines()[0]
@@ -171,17 +171,17 @@ def test_davis_propagation_cli_on_embedded_data(tmp_path, repo, embedded_root):
 @pytest.mark.timeout(300)
 def test_retrieval_and_svm_clis_on_embedded_data(tmp_path, repo, embedded_root):
     out = tmp_path / "retrieval"
-    _run(repo, "segment_retrieval.py", "--weights", "none", "--arch", "resnet_tiny", "--output-dir", str(out),
+    _run(repo, "segment_retrieval.py", "--weights", "none", "--backbone", "resnet_tiny", "--output-dir", str(out),
          "--max-images", "12")
     result = json.loads((out / "results.json").read_text())
     assert {"miou_21", "miou_7", "images_per_s"} <= set(result) and 0 <= result["miou_21"] <= 100
     assert (out / "retrieval.png").is_file()
-    feats, first, second = tmp_path / "f.pt", tmp_path / "svm.json", tmp_path / "svm_c1.json"
-    _run(repo, "linear_probe.py", "--protocol", "svm", "--weights", "none", "--arch", "resnet_tiny", "--size", "32",
-         "--dump-features", str(feats), "--out", str(first))
+    feats = tmp_path / "f.pt"
+    _run(repo, "linear_probe.py", "--protocol", "svm", "--weights", "none", "--backbone", "resnet_tiny", "--size", "32",
+         "--dump-features", str(feats), "--output-dir", str(tmp_path / "svm"))
     from downstream.linear_probe import main as probe_main
-    probe_main(["--protocol", "svm", "--load-features", str(feats), "--svm-cost", "0.5", "--out", str(second)])
-    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    probe_main(["--protocol", "svm", "--load-features", str(feats), "--svm-cost", "0.5", "--output-dir", str(tmp_path / "svm_c1")])
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("svm", "svm_c1"))
     assert 0 < a["map"] <= 100 and a["map"] == pytest.approx(b["map"])  # the same features: the same mAP
 
 

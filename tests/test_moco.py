@@ -193,7 +193,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, embedded_root):
     assert result["global_step"] == 2  # 32 files, batch 16: every file is read once
 
 
-TINY_FLAGS = ["--arch", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--epochs", "1",
+TINY_FLAGS = ["--backbone", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--epochs", "1",
               "model.hidden_dim=64", "moco.queue_size=64", "train.steps_per_epoch=2", "augment.large_size=32",
               "augment.small_size=16", "data.knn_monitor=none"]
 
@@ -219,13 +219,13 @@ def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
         assert len(moco["optimizer"]["state"]) == len(state["optimizer"]["state"]) > 0
     else:
         assert (out / "log_rank1.txt").is_file()  # the second process ran
-    res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), str(out / "checkpoint.pth"), "--format",
+    res = subprocess.run([PYTHON, str(repo / "launch" / "export.py"), "--weights", str(out / "checkpoint.pth"), "--format",
                           "detectron2", "--out", str(tmp_path / "d2.pkl")], capture_output=True, text=True, env=run_env())
     assert res.returncode == 0 and (tmp_path / "d2.pkl").is_file(), res.stderr
 
 
 @pytest.mark.parametrize("bad, message", [(["optim.lrr=3"], "optim.lrr"), (["optim.name=lamb"], "optim.name"),
-                                          (["--arch", "resnet5"], "resnet50"),
+                                          (["--backbone", "resnet5"], "resnet50"),
                                           (["--data", "coco"], "SCENESSL_COCO_ROOT")])
 def test_pretrain_cli_bad_input_is_one_clear_error(tmp_path, repo, bad, message):
     import subprocess

@@ -6,7 +6,7 @@ from downstream.bench_mtl import main
 
 def test_bench_mtl_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    results = main(["--arch", "resnet_tiny", "--narrow", "--height", "32", "--width", "48", "--batch-size", "2",
+    results = main(["--backbone", "resnet_tiny", "--narrow", "--height", "32", "--width", "48", "--batch-size", "2",
                     "--steps", "1", "--warmup", "0", "--device", "cpu", "--output", str(out)])
     assert {(r["arch"], r["mode"]) for r in results} == {(a, m) for a in ("mtl_baseline", "pad_net", "mti_net")
                                                          for m in ("fp32", "bf16+channels_last")}

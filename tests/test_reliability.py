@@ -20,7 +20,7 @@ from selfsup.moco.config import PretrainConfig
 
 pytestmark = pytest.mark.timeout(120)
 
-PRETRAIN = ["model.arch=resnet_tiny", "model.hidden_dim=16", "model.dim=8", "augment.large_size=32",
+PRETRAIN = ["model.backbone=resnet_tiny", "model.hidden_dim=16", "model.dim=8", "augment.large_size=32",
             "augment.small_size=16", "optim.batch_size=8", "moco.queue_size=32", "data.num_workers=0",
             "data.knn_monitor=none", "train.epochs=1", "train.steps_per_epoch=1"]
 
@@ -88,8 +88,8 @@ def test_resume_with_a_changed_config_is_refused_before_writing(tmp_path):
     other = write_images(tmp_path / "other")
     for change, shown in [(["optim.batch_size=4"], "optim.batch_size: 8 -> 4"),
                           ([f"data.name={other}"], f"data.name: '{tmp_path}/images' -> '{other}'"),
-                          (["model.arch=resnet18", "optim.lr=1e-4"],
-                           "model.arch: 'resnet_tiny' -> 'resnet18'; optim.lr: 0.3 -> 0.0001")]:
+                          (["model.backbone=resnet18", "optim.lr=1e-4"],
+                           "model.backbone: 'resnet_tiny' -> 'resnet18'; optim.lr: 0.3 -> 0.0001")]:
         with pytest.raises(SystemExit, match=rf"^error: {run}/checkpoint.pth was trained with another config.*"
                                              rf"{shown}.*--allow-config-change"):
             pretrain_main(run, *change)
@@ -149,8 +149,8 @@ def test_overrides_are_accepted_after_flags():
         import pretrain
     finally:
         sys.path.remove(str(REPO / "launch"))
-    args = pretrain.parse_args(["model.arch=resnet_tiny", "--data", "D", "optim.lr=0.1", "--multicrop", "x.y=1"])
-    assert args.overrides == ["model.arch=resnet_tiny", "optim.lr=0.1", "x.y=1"] and args.data == "D"
+    args = pretrain.parse_args(["model.backbone=resnet_tiny", "--data", "D", "optim.lr=0.1", "--multicrop", "x.y=1"])
+    assert args.overrides == ["model.backbone=resnet_tiny", "optim.lr=0.1", "x.y=1"] and args.data == "D"
     from downstream.finetune_mtl import parse_args
     assert parse_args(["--epochs", "2", "optim.lr=1e-4"]).overrides == ["optim.lr=1e-4"]
 
@@ -180,8 +180,8 @@ EXPECTED = {"truncated": "truncated or not a PyTorch file", "random bytes": "not
 def test_bad_checkpoints_give_one_line_naming_the_file(tmp_path, embedded_root):
     """--weights of finetune_mtl.py and linear_probe.py, and launch/export.py: truncated, random bytes, a tensor,
     a dict without weights, a missing path -> one line naming the file and what was expected."""
-    scripts = {"export": [str(REPO / "launch" / "export.py"), "{}", "--format", "torchvision", "--out", str(tmp_path / "x.pth")],
-               "probe": [str(REPO / "downstream" / "linear_probe.py"), "--weights", "{}", "--arch", "resnet_tiny"],
+    scripts = {"export": [str(REPO / "launch" / "export.py"), "--weights", "{}", "--format", "torchvision", "--out", str(tmp_path / "x.pth")],
+               "probe": [str(REPO / "downstream" / "linear_probe.py"), "--weights", "{}", "--backbone", "resnet_tiny"],
                "mtl": [str(REPO / "downstream" / "finetune_mtl.py"), "--weights", "{}", "--output-dir", str(tmp_path / "m"),
                        "model.backbone=resnet_tiny", "model.arch=mtl_baseline", "data.tasks=[semseg]",
                        "data.crop_size=[32,32]", "model.head_channels=8", "model.fpn_channels=8"]}

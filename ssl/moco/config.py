@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from selfsup.augment.config import AugmentConfig
 from selfsup.config import ConfigError, check_counts, nested_updates
@@ -10,7 +10,8 @@ from selfsup.config import ConfigError, check_counts, nested_updates
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
+    RENAMED_KEYS: ClassVar[Dict[str, str]] = {"arch": "backbone"}  # model.arch: the former name (one release)
+    backbone: str = "resnet50"  # the one spelling of every entry point (fine-tuning's model.backbone too)
     hidden_dim: int = 2048  # projection MLP 2048-2048-128
     head_bn: bool = False  # BN after the MLP's hidden layer (SimCLR / MoCo-v3); off in MoCo-v2
     dim: int = 128
@@ -116,7 +117,7 @@ class PretrainConfig:
 def flags_to_updates(args: Any) -> Dict[str, Any]:
     """Map the user-facing flags of ``launch/pretrain.py`` onto config keys (only flags that were given)."""
     flat: Dict[str, Any] = {
-        "data.name": args.data, "data.root": args.data_root, "model.arch": args.arch, "train.epochs": args.epochs,
+        "data.name": args.data, "data.root": args.data_root, "model.backbone": args.backbone, "train.epochs": args.epochs,
         "optim.batch_size": args.batch_size, "optim.lr": args.lr, "output_dir": args.output_dir,
         "data.num_workers": args.workers, "train.seed": args.seed, "augment.constraint": args.crop_constraint,
         "moco.knn_k": args.knn, "moco.knn_weight": args.knn_weight, "moco.knn_warmup_epochs": args.knn_warmup_epochs,

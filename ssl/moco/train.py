@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from selfsup import checkpoint as ckpt
-from selfsup.config import ConfigError, save_config, to_dict
+from selfsup.config import ConfigError, save_config, to_dict, upgrade_keys
 from selfsup.distributed import all_gather, get_world_size, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
 from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig, knn_warmup_epochs
@@ -38,7 +38,7 @@ class StopTraining(Exception):
 
 
 def build_model(cfg: PretrainConfig, device: torch.device) -> MoCo:
-    model = MoCo(arch=cfg.model.arch, hidden_dim=cfg.model.hidden_dim, dim=cfg.model.dim,
+    model = MoCo(arch=cfg.model.backbone, hidden_dim=cfg.model.hidden_dim, dim=cfg.model.dim,
                  queue_size=cfg.moco.queue_size, temperature=cfg.moco.temperature, knn_k=cfg.moco.knn_k,
                  knn_weight=cfg.moco.knn_weight, shuffle_bn_groups=cfg.model.shuffle_bn_groups,
                  backbone_queue_dtype=getattr(torch, cfg.moco.backbone_queue_dtype),
@@ -145,8 +145,8 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.output_dir)
     # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
-    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
-        if env.is_main else None
+    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change,
+                       upgrade=lambda old: upgrade_keys(PretrainConfig, old)) if env.is_main else None
     setup_logging(run_dir, rank=env.rank)
     if run is not None:
         run.log_changes()
@@ -231,7 +231,7 @@ def _untouched(cfg: PretrainConfig) -> str:
 
 def _checkpoint_state(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, s: StepState) -> Dict[str, Any]:
     return {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-            "arch": cfg.model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "arch": cfg.model.backbone, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": None, "config": to_dict(cfg), "rng": ckpt.rng_state()}
 
 
