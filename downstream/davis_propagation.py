@@ -21,10 +21,10 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from selfsup.data import DAVIS2017
-from downstream.evaluation.davis_metrics import evaluate_results_dir, write_results
-from downstream.evaluation.features import add_common_args, dense_extractor
-from downstream.evaluation.propagation import PropagationConfig, run_propagation
+from frozen.davis import DAVIS2017
+from frozen.davis_metrics import evaluate_results_dir, write_results
+from frozen.features import add_common_args, dense_extractor
+from frozen.propagation import PropagationConfig, run_propagation
 
 defaults = PropagationConfig()
 

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from downstream.evaluation.features import add_common_args
+from frozen.features import add_common_args
 from downstream.evaluation.protocols import (PROBE_KIND, extract_probe_features, load_features, parse_protocols,
                                              run_probes, save_features)
 

@@ -20,9 +20,9 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from selfsup.data import VOC2012Segmentation
-from downstream.evaluation.features import add_common_args, dense_extractor
-from downstream.evaluation.retrieval import run_retrieval
+from frozen.voc import VOC2012Segmentation
+from frozen.features import add_common_args, dense_extractor
+from frozen.retrieval import run_retrieval
 
 
 def main(argv: Optional[List[str]] = None) -> None:

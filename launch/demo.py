@@ -10,7 +10,7 @@ Examples:
   python launch/demo.py checkpoint=runs/x/checkpoint.pth       # skip pretraining, use this checkpoint
   python launch/demo.py seed=1 --output-dir runs/demo_seed1    # another fine-tuning/probe/random-init seed
   python launch/demo.py 'steps=[finetune]' finetune_overrides='[epochs=5]'
-Keys (configs/demo.yaml, downstream/demo.py DemoConfig): output_dir, seed, steps, pretrain_config,
+Keys (configs/demo.yaml, downstream/demo_chain.py DemoConfig): output_dir, seed, steps, pretrain_config,
 pretrain_overrides, checkpoint, finetune_config, finetune_overrides, probe_epochs, probe_size, probe_images,
 retrieval_fit_stride, threads, spread, spread_command.
 """
@@ -31,7 +31,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default configs/demo.yaml)")
     p.add_argument("--output-dir", help="run directory (default runs/demo); a rerun resumes it")
     args = p.parse_intermixed_args(argv)
-    from downstream.demo import load_demo_config, run_demo
+    from downstream.demo_chain import load_demo_config, run_demo
 
     with user_errors():
         overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])

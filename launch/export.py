@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from selfsup.export import FORMATS, export_backbone
+from selfsup.exporters import FORMATS, export_backbone
 from selfsup.launcher import user_errors
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 
-from selfsup.data.preview import save_dataset_preview
+from downstream.datasets import save_dataset_preview
 from selfsup.data.synthetic import DEFAULT_NUM, DEFAULT_SEED, DEFAULT_SIZE, FORMATS, ensure_embedded_data, generate_datasets
 
 

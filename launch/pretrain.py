@@ -16,7 +16,7 @@ from typing import List, Optional
 from selfsup.config import load_config
 from selfsup.launcher import add_launch_args, launch, user_errors
 from selfsup.moco.config import PretrainConfig, flags_to_updates
-from selfsup.moco.train import run_pretraining
+from frozen.pretrain_monitors import pretrain  # registers the kNN / DAVIS / retrieval monitors
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
 
@@ -61,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                            overrides=list(args.overrides) + list(extra))
 
     with user_errors():
-        launch(run_pretraining, make_cfg, args)
+        launch(pretrain, make_cfg, args)
 
 
 if __name__ == "__main__":
