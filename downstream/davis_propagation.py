@@ -30,10 +30,10 @@ from typing import Any, Dict, List, Optional
 from selfsup.cli import (BACKBONES_HELP, WEIGHTS_HELP, BackboneConfig, entry_parser, launch, parse, run_main,
                          user_errors, write_config)
 from selfsup.config import load_config, nested_updates
-from selfsup.data import DAVIS2017
-from downstream.evaluation.davis_metrics import evaluate_results_dir, write_results
-from downstream.evaluation.features import dense_extractor
-from downstream.evaluation.propagation import PropagationConfig, run_propagation
+from frozen.davis import DAVIS2017
+from frozen.davis_metrics import evaluate_results_dir, write_results
+from frozen.features import dense_extractor
+from frozen.propagation import PropagationConfig, run_propagation
 
 ENTRY = "downstream/davis_propagation.py"
 

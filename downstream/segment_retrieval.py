@@ -28,9 +28,9 @@ from typing import Any, Dict, List, Optional
 from selfsup.cli import (BACKBONES_HELP, WEIGHTS_HELP, BackboneConfig, add_deprecated, entry_parser, launch, parse,
                          run_main, user_errors, write_config)
 from selfsup.config import check_counts, load_config, nested_updates
-from selfsup.data import VOC2012Segmentation
-from downstream.evaluation.features import dense_extractor
-from downstream.evaluation.retrieval import run_retrieval
+from frozen.voc import VOC2012Segmentation
+from frozen.features import dense_extractor
+from frozen.retrieval import run_retrieval
 
 ENTRY = "downstream/segment_retrieval.py"
 

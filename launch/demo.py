@@ -10,7 +10,7 @@ Examples:
   python launch/demo.py --weights runs/x/checkpoint.pth        # skip pretraining, use this checkpoint (checkpoint=)
   python launch/demo.py seed=1 --output-dir runs/demo_seed1    # another fine-tuning/probe/random-init seed
   python launch/demo.py 'steps=[finetune]' finetune_overrides='[epochs=5]'
-Keys (configs/demo.yaml, downstream/demo.py DemoConfig): output_dir, seed, steps, pretrain_config,
+Keys (configs/demo.yaml, downstream/demo_chain.py DemoConfig): output_dir, seed, steps, pretrain_config,
 pretrain_overrides, checkpoint, finetune_config, finetune_overrides, probe_epochs, probe_size, probe_images,
 retrieval_fit_stride, threads, spread, spread_command.
 """
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse(build_parser(), argv)
-    from downstream.demo import load_demo_config, run_demo
+    from downstream.demo_chain import load_demo_config, run_demo
 
     def make_cfg(extra: List[str]):
         flags = [f"output_dir={args.output_dir}"] if args.output_dir else []

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 from selfsup.cli import entry_parser, run_main, user_errors, write_config
 from selfsup.config import ConfigError, load_config, nested_updates, warn_deprecated
-from selfsup.export import FORMATS, export_backbone
+from selfsup.exporters import FORMATS, export_backbone
 
 ENTRY = "launch/export.py"
 SUFFIX = {"torchvision": ".pth", "detectron2": ".pkl", "moco": ".pth.tar"}

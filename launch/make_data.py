@@ -16,7 +16,7 @@ from typing import List, Optional
 from selfsup.cli import add_deprecated, apply_flag_config, entry_parser, parse, run_main, user_errors, write_config
 from selfsup.config import ConfigError
 
-from selfsup.data.preview import save_dataset_preview
+from downstream.datasets import save_dataset_preview
 from selfsup.data.synthetic import DEFAULT_NUM, DEFAULT_SEED, DEFAULT_SIZE, FORMATS, ensure_embedded_data, generate_datasets
 
 

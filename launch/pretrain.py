@@ -17,7 +17,7 @@ from typing import List, Optional
 from selfsup.cli import BACKBONES_HELP, entry_parser, launch, parse, run_main, user_errors
 from selfsup.config import load_config
 from selfsup.moco.config import PretrainConfig, flags_to_updates
-from selfsup.moco.train import run_pretraining
+from frozen.pretrain_monitors import pretrain  # registers the kNN / DAVIS / retrieval monitors
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
 
@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                            overrides=list(args.overrides) + list(extra))
 
     with user_errors(args.debug):
-        launch(run_pretraining, make_cfg, args)
+        launch(pretrain, make_cfg, args)
 
 
 if __name__ == "__main__":

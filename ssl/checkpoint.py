@@ -189,7 +189,7 @@ def is_detectron2_file(path: PathLike) -> bool:
 
 
 def torchvision_name(name: str) -> str:
-    """detectron2 ResNet key -> torchvision key (the inverse of ``selfsup.export.detectron2_name``):
+    """detectron2 ResNet key -> torchvision key (the inverse of ``selfsup.exporters.detectron2_name``):
     ``stem.conv1.norm.weight`` -> ``bn1.weight``, ``res2.0.conv3.norm.bias`` -> ``layer1.0.bn3.bias``,
     ``res3.0.shortcut.weight`` -> ``layer2.0.downsample.0.weight``, ``...shortcut.norm.*`` -> ``downsample.1.*``."""
     name = re.sub(r"conv(\d)\.norm\.", r"bn\1.", name)

@@ -1,78 +1,43 @@
-"""Online monitors of a pretraining run: frozen-feature evaluations every ``train.knn_every_epochs`` epochs.
+"""The monitor interface of a pretraining run: evaluations of the frozen backbone every
+``train.knn_every_epochs`` epochs, named by ``train.monitors`` (default ``[knn]``).
 
-``train.monitors`` names them (default ``[knn]``):
+A *monitor factory* ``factory(cfg, device) -> Monitor | None`` is registered under a name in ``MONITORS``; a
+*monitor* maps the backbone to scalars, ``backbone -> {name: value}``. This package defines no monitor itself:
+the evaluations live in the ``frozen`` layer above it, and the entry points register them by importing
+``frozen.pretrain_monitors`` (``knn``, ``davis``, ``retrieval``; see docs/evaluation.md). A SLURM job gets them
+because the callable it runs, ``frozen.pretrain_monitors.pretrain``, lives in that module.
 
-* ``knn``:       kNN top-1 on ``data.knn_monitor`` (the embedded classification set)  -> ``monitor/knn_acc``
-* ``davis``:     DAVIS label propagation J&F on 2 embedded val sequences (12 frames)  -> ``monitor/davis_jf``
-* ``retrieval``: VOC segment retrieval mIoU (21 classes), 24 embedded train / 24 val images
-                 (centroids fitted on every 4th pixel)                                -> ``monitor/retrieval_miou``
-
-Each also logs its cost, ``monitor/seconds_<name>``. The dense monitors evaluate a stride-8 copy of the
-backbone (the evaluation code lives in ``downstream.evaluation``, imported when such a monitor is asked for).
+``build_monitors`` runs the named ones in order and adds each one's cost, ``seconds_<name>``; ``log_monitors``
+writes them as ``monitor/*`` scalars.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from selfsup.config import ConfigError
 from selfsup.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-MONITORS = Registry("monitor")
 Monitor = Callable[[nn.Module], Dict[str, float]]
-DAVIS_SEQUENCES, DAVIS_FRAMES, RETRIEVAL_IMAGES = 2, 12, 24
+MonitorFactory = Callable[..., Optional[Monitor]]  # factory(cfg=..., device=...) -> Monitor | None (None: off)
+MONITORS = Registry("monitor")
 
 
-@MONITORS.register("knn")
-def knn_monitor(cfg, device: torch.device) -> Optional[Monitor]:
-    from selfsup.moco.data import build_knn_monitor
-
-    accuracy = build_knn_monitor(cfg, device)
-    return None if accuracy is None else (lambda backbone: {"knn_acc": accuracy(backbone)})
-
-
-@MONITORS.register("davis")
-def davis_monitor(cfg, device: torch.device) -> Monitor:
-    from selfsup.data import DAVIS2017
-    from downstream.evaluation.features import dense_from_backbone
-    from downstream.evaluation.propagation import propagation_jf
-
-    dataset = DAVIS2017("embedded", split="val")
-    indices = range(min(DAVIS_SEQUENCES, len(dataset)))
-
-    def monitor(backbone: nn.Module) -> Dict[str, float]:
-        extractor = dense_from_backbone(backbone, arch=cfg.model.backbone)
-        return {"davis_jf": propagation_jf(extractor, dataset, indices=indices, max_frames=DAVIS_FRAMES)["J&F-Mean"]}
-
-    return monitor
-
-
-@MONITORS.register("retrieval")
-def retrieval_monitor(cfg, device: torch.device) -> Monitor:
-    from selfsup.data import VOC2012Segmentation
-    from downstream.evaluation.features import dense_from_backbone
-    from downstream.evaluation.retrieval import run_retrieval
-
-    train_set, val_set = (VOC2012Segmentation("embedded", split=s) for s in ("train", "val"))
-
-    def monitor(backbone: nn.Module) -> Dict[str, float]:
-        extractor = dense_from_backbone(backbone, arch=cfg.model.backbone)
-        result = run_retrieval(extractor, train_set, val_set, max_images=RETRIEVAL_IMAGES, fit_stride=4,
-                               progress=False)
-        return {"retrieval_miou": result["miou_21"]}
-
-    return monitor
-
-
-def build_monitors(cfg, device: torch.device) -> Optional[Monitor]:
+def build_monitors(cfg: Any, device: torch.device, registry: Registry = MONITORS) -> Optional[Monitor]:
     """One callable running every monitor of ``cfg.train.monitors``: ``backbone -> {scalar: value}``
     (with ``seconds_<name>``); None when none is on."""
-    built = [(name, MONITORS.build(name, cfg=cfg, device=device)) for name in cfg.train.monitors]
+    unknown = [name for name in cfg.train.monitors if name not in registry]
+    if unknown:
+        known = ", ".join(registry.names()) or "none registered"
+        raise ConfigError(f"train.monitors: unknown monitor {unknown[0]!r}; known: {known} (the entry points "
+                          f"register knn, davis and retrieval by importing frozen.pretrain_monitors)")
+    built = [(name, registry.build(name, cfg=cfg, device=device)) for name in cfg.train.monitors]
     built = [(name, m) for name, m in built if m is not None]
     if not built:
         return None

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import frozen.pretrain_monitors  # noqa: F401  (registers the knn/davis/retrieval monitors, as launch/pretrain.py does)
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -85,7 +87,7 @@ def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
     from selfsup.config import load_config
     from selfsup.data import ensure_embedded_data
     from selfsup.moco.config import PretrainConfig
-    from selfsup.moco.train import run_pretraining
+    from selfsup.moco.loop import run_pretraining
 
     ensure_embedded_data(num=2000, formats=("classification",), workers=2)
     out = tmp_path_factory.mktemp("objects_moco") / "run"

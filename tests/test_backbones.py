@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from selfsup.backbones import BACKBONES, build_backbone
-from selfsup.necks import FPN
+from downstream.mtl.necks import FPN
 
 NAMES = BACKBONES.names()
 
@@ -162,7 +162,7 @@ def test_hrnet18_parameter_count():
 
 def test_hrnet18_checkpoint_round_trip_and_export(tmp_path):
     from selfsup import checkpoint as ckpt
-    from selfsup.export import export_backbone
+    from selfsup.exporters import export_backbone
 
     src = build_backbone("hrnet18")
     model = {f"encoder_q.backbone.{k}": v for k, v in src.state_dict().items()}

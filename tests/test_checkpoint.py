@@ -11,7 +11,7 @@ import torchvision
 from conftest import PYTHON, run_env
 from selfsup import checkpoint as ckpt
 from selfsup.backbones import build_backbone
-from selfsup.export import detectron2_name, export_backbone
+from selfsup.exporters import detectron2_name, export_backbone
 from selfsup.moco.model import MoCo
 
 

@@ -1,10 +1,10 @@
-"""The `make demo` chain (downstream/demo.py): the summary's format, and its first rows as a regression test."""
+"""The `make demo` chain (downstream/demo_chain.py): the summary's format, and its first rows as a regression test."""
 import json
 
 import pytest
 from PIL import Image
 
-from downstream.demo import DemoConfig, ROWS, load_demo_config, run_demo, summarise, write_summary
+from downstream.demo_chain import DemoConfig, ROWS, load_demo_config, run_demo, summarise, write_summary
 
 
 def _results(semseg, depth, knn):

@@ -13,11 +13,11 @@ from torch import nn
 
 from conftest import REPO, TINY_PRETRAIN
 from selfsup import checkpoint as ckpt
-from selfsup import export
+from selfsup import exporters as export
 from selfsup.backbones import build_backbone
 from selfsup.config import load_config
 from selfsup.moco.config import PretrainConfig
-from selfsup.moco.train import StepState, _checkpoint_state, build_model, build_optimizer
+from selfsup.moco.loop import StepState, _checkpoint_state, build_model, build_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_moco_export_without_what_the_optimizer_needs(run, tmp_path, caplog):
     ckpt.save_checkpoint(state, tmp_path / "noconfig.pth")
     with pytest.raises(ckpt.CheckpointError, match=r"no 'config'.*--no-optimizer"):
         export.export_backbone(tmp_path / "noconfig.pth", fmt="moco", out=tmp_path / "a.pth.tar", optimizer=True)
-    with caplog.at_level(logging.WARNING, logger="selfsup.export"):
+    with caplog.at_level(logging.WARNING, logger="selfsup.exporters"):
         out = export.export_backbone(tmp_path / "noconfig.pth", fmt="moco", out=tmp_path / "b.pth.tar")
     assert torch.load(out, weights_only=True)["optimizer"] == {} and "optimizer state not exported" in caplog.text
     query_only = dict(run["state"], model={k: v for k, v in run["state"]["model"].items() if k.startswith("encoder_q.")})
@@ -148,7 +148,7 @@ def _random_backbone_checkpoint(path):
 def test_every_export_format_loads_back_through_weights(fmt, suffix, tmp_path):
     """Export -> the loader every --weights uses (selfsup.checkpoint.load_backbone_weights, behind the evaluation
     protocols' frozen_backbone and the MTL trainers) -> every tensor equal to the source backbone's."""
-    from downstream.evaluation.features import frozen_backbone
+    from frozen.features import frozen_backbone
     source = _random_backbone_checkpoint(tmp_path / "c.pth")
     out = export.export_backbone(tmp_path / "c.pth", fmt=fmt, out=tmp_path / f"exported{suffix}",
                                  **({"optimizer": False} if fmt == "moco" else {}))

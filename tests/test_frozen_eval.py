@@ -4,8 +4,8 @@ import subprocess
 import torch
 
 from conftest import PYTHON, run_env
-from downstream.evaluation.linear_probe import train_linear_probe
-from selfsup.knn_monitor import knn_classify
+from downstream.evaluation.linear import train_linear_probe
+from frozen.knn import knn_classify
 
 
 def test_knn_classify_weighted_votes_known_answer():

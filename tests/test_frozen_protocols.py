@@ -9,11 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from conftest import PYTHON, TINY_PRETRAIN, run_env
-from downstream.evaluation.davis_metrics import (ObjectScores, boundary_f_measure, boundary_tolerance,
+from selfsup.config import ConfigError
+from frozen.davis_metrics import (ObjectScores, boundary_f_measure, boundary_tolerance,
                                                  evaluate_sequence, region_similarity, statistics, summarize)
-from downstream.evaluation.features import upsample_cells
-from downstream.evaluation.propagation import PropagationConfig, propagate_labels
-from downstream.evaluation.retrieval import SUBSET_7_IDS, retrieval_miou
+from frozen.features import upsample_cells
+from frozen.propagation import PropagationConfig, propagate_labels
+from frozen.retrieval import SUBSET_7_IDS, retrieval_miou
 from downstream.evaluation.svm import average_precision, svm_map
 
 
@@ -129,7 +130,7 @@ def test_svm_probe_separates_separable_multilabel_features():
 
 
 def test_voc07_lists_of_the_embedded_data(embedded_root):
-    from selfsup.data import VOC07Classification
+    from frozen.voc import VOC07Classification
 
     ds = VOC07Classification("embedded", split="test")
     assert ds.labels.shape == (len(ds), 20) and set(np.unique(ds.labels)) <= {-1, 0, 1}
@@ -205,5 +206,5 @@ def test_davis_and_retrieval_monitors_reach_tensorboard(tmp_path, embedded_root)
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert {"monitor/davis_jf", "monitor/retrieval_miou", "monitor/seconds_davis"} <= set(acc.Tags()["scalars"])
-    with pytest.raises(KeyError, match="known: davis, knn, retrieval"):
+    with pytest.raises(ConfigError, match="train.monitors: unknown monitor 'jf'; known: davis, knn, retrieval"):
         build_monitors(load_config(PretrainConfig, overrides=["train.monitors=[jf]"]), torch.device("cpu"))

@@ -8,9 +8,9 @@ from torch.nn import functional as F
 from conftest import TINY_PRETRAIN
 from selfsup.config import load_config
 from selfsup.moco.config import PretrainConfig
-from selfsup.moco.losses import knn_positives_loss, mine_neighbours
+from selfsup.moco.contrastive import knn_positives_loss, mine_neighbours
 from selfsup.moco.model import MoCo
-from selfsup.moco.train import run_pretraining
+from selfsup.moco.loop import run_pretraining
 
 
 def test_knn_loss_hand_computed():

@@ -13,9 +13,9 @@ from selfsup import checkpoint as ckpt
 from selfsup.config import load_config
 from selfsup.moco import model as moco_model
 from selfsup.moco.config import PretrainConfig
-from selfsup.moco.losses import instance_loss
+from selfsup.moco.contrastive import instance_loss
 from selfsup.moco.model import MoCo
-from selfsup.moco.train import run_pretraining
+from selfsup.moco.loop import run_pretraining
 
 
 def tiny_moco(**kw):
@@ -212,7 +212,7 @@ def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
     if "--knn" in extra:
         assert state["config"]["moco"]["knn_k"] == 4 and state["model"]["backbone_queue"].shape[0] == 64
         assert state["config"]["augment"]["num_small"] == 2
-        from selfsup.export import export_backbone  # a real run's checkpoint exports resumable for main_ours.py
+        from selfsup.exporters import export_backbone  # a real run's checkpoint exports resumable for main_ours.py
         moco = torch.load(export_backbone(out / "checkpoint.pth", fmt="moco", out=tmp_path / "m.pth.tar", optimizer=True),
                           weights_only=True)
         assert moco["state_dict"]["module.queue_backbone"].shape == state["model"]["backbone_queue"].t().shape
@@ -265,7 +265,7 @@ def test_symmetric_loss_is_the_mean_of_both_directions():
 def test_pretraining_on_the_embedded_object_images(embedded_root):
     """``data.name=classification data.root=embedded``: the train split of the embedded classification images."""
     from selfsup.moco.config import DataConfig, PretrainConfig
-    from selfsup.moco.data import pretrain_files
+    from selfsup.moco.pipeline import pretrain_files
 
     files = pretrain_files(PretrainConfig(data=DataConfig(name="classification", root="embedded", embedded_num=200)))
     # only the classification format is generated for it (an ``objects-*`` cache folder): the same images as the

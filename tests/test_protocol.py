@@ -7,11 +7,12 @@ import scipy.io
 import torch
 from PIL import Image
 
-from selfsup.data import PascalContextMT, generate_datasets
-from selfsup.data.pascal_context import PERSON_CLASS_IND, normals_valid_labels
+from selfsup.data import generate_datasets
+from downstream.datasets import PascalContextMT
+from downstream.datasets.pascal_context import PERSON_CLASS_IND, normals_valid_labels
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO / "ssl" / "data" / "reference"
+REFERENCE = REPO / "downstream" / "datasets" / "reference"
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
     from downstream.mtl.engine import evaluate
     from downstream.mtl.models import build_model
     from downstream.mtl.tasks import TaskSet
-    from selfsup.data.mt_transforms import eval_transform
+    from downstream.datasets.mt_transforms import eval_transform
 
     tasks = TaskSet("pascal_context", ("semseg", "sal", "normals"))
     ds = PascalContextMT(pascal_root, split="val", tasks=list(tasks.main), transform=eval_transform())
@@ -198,7 +199,7 @@ def test_evaluation_does_not_depend_on_the_batch(pascal_root, arch, extra):
 
 
 def test_rotation_turns_labels_and_normals_together():
-    from selfsup.data.mt_transforms import rotate_scale
+    from downstream.datasets.mt_transforms import rotate_scale
 
     H = W = 6
     semseg = torch.arange(H * W).reshape(H, W) % 21
@@ -217,7 +218,7 @@ def test_pascal_configs_default_to_the_published_training_transforms(repo, pasca
     from downstream.mtl.config import MTLConfig
     from downstream.mtl.data import build_datasets
     from selfsup.config import load_config
-    from selfsup.data import mt_transforms
+    from downstream.datasets import mt_transforms
 
     for path in sorted((repo / "configs" / "pascal").glob("*.yaml")):
         cfg = load_config(MTLConfig, yaml_path=path)

@@ -291,7 +291,7 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
 ])
 def test_nyud_label_arrays_of_wrong_shape_or_dtype_name_the_file(tmp_path, task, array, message):
     from selfsup.data.images import DataError
-    from selfsup.data.nyud import load_label_array
+    from downstream.datasets.nyud import load_label_array
     path = tmp_path / f"{task}.npy"
     np.save(path, array)
     with pytest.raises(DataError, match=rf"{path}: {message}"):

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from selfsup.augment import AugmentConfig, GpuMultiViewAugment
 from selfsup.moco import model as moco_model
-from selfsup.moco.losses import queue_logits
+from selfsup.moco.contrastive import queue_logits
 from selfsup.moco.model import MoCo
 from selfsup.moco.shuffle_bn import grouped_batch_norm
 from selfsup.nan_guard import NonFiniteGuard

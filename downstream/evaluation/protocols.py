@@ -11,11 +11,11 @@ from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 
-from selfsup.knn_monitor import extract_features, knn_accuracy, labelled_loaders
+from frozen.knn import extract_features, knn_accuracy, labelled_loaders
 from selfsup.registry import Registry
 
-from .features import frozen_backbone
-from .linear_probe import train_linear_probe
+from frozen.features import frozen_backbone
+from .linear import train_linear_probe
 from .svm import svm_map
 
 PROBES = Registry("probe protocol")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from selfsup.checkpoint import load_checkpoint
 from selfsup.config import load_config
 from selfsup.data import build_dataset
-from selfsup.data.mt_transforms import eval_transform
+from downstream.datasets.mt_transforms import eval_transform
 
 from .affinity import rdm, rsa_affinity, transfer_affinity
 from .branched import backbone_pieces, check_branch_points, stage_outputs

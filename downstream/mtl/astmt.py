@@ -29,7 +29,7 @@ from selfsup.checkpoint import CheckpointMismatchError, backbone_state_dict, loa
 
 from .encoder import Encoder
 from .layers import ASPP, PredictionConv, resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 from .task_conditioning import (TaskModules, TaskSE, TaskSelector, check_resnet, condition_resnet,
                                 expand_task_norm_weights, grad_reverse, task_adapters, task_specific_parameters)
 

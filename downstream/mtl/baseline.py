@@ -9,7 +9,7 @@ from torch import nn
 from .encoder import Encoder
 from .heads import build_head
 from .layers import resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 
 
 class MultiTaskBaseline(nn.Module):

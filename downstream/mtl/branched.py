@@ -31,7 +31,7 @@ from .encoder import Encoder
 from .flops import count_parameters
 from .heads import build_head
 from .layers import resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 from .tree_search import ComponentSizes, Tree, validate_tree
 
 NUM_STAGES = 4

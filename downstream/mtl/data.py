@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from selfsup.augment.loader import epoch_order
 from selfsup.augment.params import sample_rng
 from selfsup.data import build_dataset
-from selfsup.data.mt_transforms import PAD_VALUES, eval_transform, train_transform
+from downstream.datasets.mt_transforms import PAD_VALUES, eval_transform, train_transform
 
 from .config import DataConfig
 

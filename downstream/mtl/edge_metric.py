@@ -22,7 +22,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
 
 from selfsup.data.labels import thin
-from selfsup.data.pascal_context import edge_test_ids
+from downstream.datasets.pascal_context import edge_test_ids
 
 logger = logging.getLogger(__name__)
 

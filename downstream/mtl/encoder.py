@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from selfsup.backbones import build_backbone
-from selfsup.necks import FPN
+from downstream.mtl.necks import FPN
 
 
 class Encoder(nn.Module):

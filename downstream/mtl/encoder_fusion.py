@@ -29,7 +29,7 @@ from selfsup.checkpoint import load_backbone_weights, load_checkpoint
 from .encoder import Encoder
 from .heads import build_head
 from .layers import resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 from .task_conditioning import check_resnet, resnet_stage
 
 

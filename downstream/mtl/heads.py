@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .layers import ASPP, PredictionConv, conv_bn_relu, resize
-from .registry import HEADS
+from .components import HEADS
 
 
 @HEADS.register("multiscale")

@@ -8,7 +8,7 @@ from torch import nn
 from . import astmt, baseline, branched, encoder_fusion, mtan, mti_net, pad_net  # noqa: F401  (register the architectures)
 from .encoder import build_encoder
 from .layers import PredictionConv
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 from .tasks import TaskSet
 
 

@@ -23,7 +23,7 @@ from torchvision.models import resnet as tv_resnet
 from .encoder import Encoder
 from .heads import build_head
 from .layers import conv_bn_relu, resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 from .task_conditioning import TaskModules, check_resnet, resnet_stage
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from .distillation import MultiModalDistillation
 from .encoder import Encoder
 from .layers import PredictionConv, ResidualBlock, SqueezeExcitation, conv_bn_relu, residual_stack, resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 
 
 FPM_SOFTMAX = ("task", "published")

@@ -16,7 +16,7 @@ from torchvision.models.resnet import Bottleneck
 from .distillation import MultiModalDistillation
 from .encoder import Encoder
 from .layers import PredictionConv, conv_bn_relu, residual_stack, resize
-from .registry import ARCHITECTURES
+from .components import ARCHITECTURES
 
 
 def bottleneck_stack(in_channels: int, out_channels: int, depth: int = 2) -> nn.Sequential:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from selfsup.data.labels import colourise
-from selfsup.data.mt_transforms import IMAGENET_MEAN, IMAGENET_STD
+from downstream.datasets.mt_transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def render_map(task: str, value: torch.Tensor) -> np.ndarray:

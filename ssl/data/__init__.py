@@ -1,18 +1,18 @@
-"""Datasets: readers of the real on-disk formats, joint multi-task transforms, and the embedded
-synthetic data generator that writes those formats (see docs/data.md)."""
-from .catalog import DATASETS, EMBEDDED, build_dataset, env_var, resolve_data_root
-from .davis import DAVIS2017
-from .images import ClassificationFolder, CocoImages, ImageFolder, list_images, load_rgb
-from .nyud import NYUDMT
-from .pascal_context import PascalContextMT
+"""Generic data of the pretraining package: the dataset registry and root resolution, image-folder readers,
+label I/O, and the embedded synthetic data generator that writes every format (see docs/data.md).
+
+The readers of the evaluation and transfer formats live above this package and register into the same
+``DATASETS`` when imported: DAVIS-2017 and VOC in ``frozen.davis`` / ``frozen.voc``, NYUD-v2 and
+PASCAL-Context (with the joint multi-task transforms) in ``downstream.datasets``.
+"""
+from .catalog import DATASETS, EMBEDDED, build_dataset, env_var, register_layout, resolve_data_root
+from .images import ClassificationFolder, CocoImages, ImageFolder, list_images, load_rgb, read_split
 from .synthetic import FORMATS, ensure_embedded_data, generate_datasets
-from .voc import VOC07Classification, VOC2012Segmentation
 
 __all__ = [
-    "DATASETS", "EMBEDDED", "build_dataset", "env_var", "resolve_data_root", "DAVIS2017",
-    "ClassificationFolder", "CocoImages", "ImageFolder", "list_images", "load_rgb", "NYUDMT",
-    "PascalContextMT", "FORMATS", "ensure_embedded_data", "generate_datasets", "VOC2012Segmentation", "VOC07Classification",
-    "save_sample_grid",
+    "DATASETS", "EMBEDDED", "build_dataset", "env_var", "register_layout", "resolve_data_root",
+    "ClassificationFolder", "CocoImages", "ImageFolder", "list_images", "load_rgb", "read_split",
+    "FORMATS", "ensure_embedded_data", "generate_datasets", "save_sample_grid",
 ]
 
 

@@ -14,32 +14,28 @@ from selfsup.registry import Registry
 
 DATASETS = Registry("dataset")
 
-# name -> (paths that must exist under the root, human-readable layout)
+# name -> (paths that must exist under the root, human-readable layout); the readers outside this package
+# (frozen.davis, frozen.voc, downstream.datasets) add theirs with register_layout
 LAYOUTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "coco": ((), "a folder of JPEG/PNG images (COCO: the folder holding train2017/, or train2017/ itself)"),
     "images": ((), "a folder (searched recursively) of JPEG/PNG images"),
     "classification": (("train",), "train/<class_name>/*.jpg and val/<class_name>/*.jpg"),
-    "pascal_context": (("JPEGImages", "ImageSets/Context"),
-                       "JPEGImages/<id>.jpg, ImageSets/Context/{train,val}.txt, semseg/pascal-context/<id>.png, "
-                       "human_parts/<id>.mat, normals_distill/<id>.png, sal_distill/<id>.png, "
-                       "pascal-context/trainval/<id>.mat"),
-    "nyud": (("images", "gt_sets"),
-             "images/<id>.jpg, segmentation/<id>.png, depth/<id>.npy, normals/<id>.npy, edge/<id>.npy, "
-             "gt_sets/{train,val}.txt"),
-    "davis2017": (("JPEGImages", "ImageSets/2017"),
-                  "JPEGImages/480p/<seq>/<frame:05d>.jpg, Annotations/480p/<seq>/<frame:05d>.png, "
-                  "ImageSets/2017/{train,val}.txt"),
-    "voc2012": (("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
-                "JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt "
-                "(or VOCdevkit/VOC2012/ holding them)"),
-    "voc07": (("JPEGImages", "ImageSets/Main"),
-              "JPEGImages/<id>.jpg, ImageSets/Main/<class>_{trainval,test}.txt (or VOCdevkit/VOC2007/ holding them)"),
 }
 # subfolder of the embedded root holding each dataset
-EMBEDDED_SUBDIR = {"coco": "coco", "images": "coco", "classification": "classification",
-                   "pascal_context": "pascal_context", "nyud": "nyud", "davis2017": "davis2017", "voc2012": "voc2012",
-                   "voc07": "voc2012"}
+EMBEDDED_SUBDIR = {"coco": "coco", "images": "coco", "classification": "classification"}
+# folders below a given root that may hold the layout (e.g. VOCdevkit/VOC2012/), per dataset
+WRAPPERS: Dict[str, Tuple[str, ...]] = {}
 EMBEDDED = "embedded"
+
+
+def register_layout(name: str, markers: Tuple[str, ...], layout: str, *, embedded_subdir: str,
+                    wrappers: Tuple[str, ...] = ()) -> None:
+    """Declare dataset ``name``'s folder layout: the ``markers`` that must exist under its root, the ``layout``
+    the error messages describe, its subfolder of the embedded data, and the ``wrappers`` (subfolders of a
+    given root, e.g. ``VOCdevkit/VOC2012``) searched for it. Called by each reader beside its registration."""
+    LAYOUTS[name] = (tuple(markers), layout)
+    EMBEDDED_SUBDIR[name] = embedded_subdir
+    WRAPPERS[name] = tuple(wrappers)
 
 
 def env_var(name: str) -> str:
@@ -49,8 +45,7 @@ def env_var(name: str) -> str:
 def _matches_layout(name: str, path: Path) -> Optional[Path]:
     """The folder under ``path`` laid out as ``name`` expects (path itself or a known wrapper), or None."""
     markers = LAYOUTS[name][0]
-    for candidate in (path, path / "VOCdevkit" / "VOC2012", path / "VOC2012", path / "VOCdevkit" / "VOC2007",
-                      path / "VOC2007", path / "DAVIS"):
+    for candidate in (path, *(path / wrapper for wrapper in WRAPPERS.get(name, ()))):
         if candidate.is_dir() and all((candidate / m).exists() for m in markers):
             return candidate
     return None

@@ -38,6 +38,13 @@ def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> L
     return [Path(p) for p in sorted(found)]
 
 
+def read_split(path: Path) -> List[str]:
+    """The ids of a split file (one per line, blank lines skipped): the readers' ``ImageSets/.../<split>.txt``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. 16/32-bit grey images (16-bit PNGs open as mode ``I;16`` or ``I``) are scaled to 0..255:
     PIL's own conversion clips them, turning nearly every pixel white."""

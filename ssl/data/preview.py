@@ -82,15 +82,3 @@ def save_tile_rows(path: Union[str, Path], rows: Sequence[Sequence[Tuple[str, np
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
-
-
-def save_dataset_preview(root: Union[str, Path], path: Union[str, Path], *, num: int = 3, cell: int = 128) -> Path:
-    """Grid of ``num`` PASCAL-Context and ``num`` NYUD samples from an embedded/real data root."""
-    from .nyud import NYUDMT
-    from .pascal_context import PascalContextMT
-
-    root = Path(root)
-    pascal = PascalContextMT(root / "pascal_context", split="train")
-    nyud = NYUDMT(root / "nyud", split="train")
-    samples = [pascal[i] for i in range(min(num, len(pascal)))] + [nyud[i] for i in range(min(num, len(nyud)))]
-    return save_sample_grid(path, samples, cell=cell, title="PASCAL-Context (top), NYUD-v2 (bottom)")

@@ -15,13 +15,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-# PASCAL VOC class order: semseg ids 0..20 (0 = background).
-CLASS_NAMES: Tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
-PERSON = 15
+from .classes import PERSON
+
 # PASCAL-Part person parts grouped as in the multi-task benchmarks (7 classes incl. background).
 PART_NAMES: Tuple[str, ...] = ("background", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
 

@@ -21,7 +21,8 @@ import scipy.io
 from PIL import Image
 
 from .labels import dilate, label_boundaries, save_palette_png
-from .scenes import BACKGROUND_LABELS, CLASS_NAMES, PERSON, sample_scene, render_scene
+from .classes import CLASS_NAMES, PERSON
+from .scenes import BACKGROUND_LABELS, sample_scene, render_scene
 
 logger = logging.getLogger(__name__)
 

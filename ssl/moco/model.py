@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from selfsup.backbones import build_backbone
 from selfsup.device import upload
 from selfsup.distributed import all_gather, get_rank, get_world_size
-from selfsup.moco.losses import instance_loss, knn_positives_loss, mine_neighbours, queue_logits
+from selfsup.moco.contrastive import instance_loss, knn_positives_loss, mine_neighbours, queue_logits
 from selfsup.moco.shuffle_bn import grouped_batch_norm
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from selfsup.config import ConfigError
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from . import auto_magnitude, cagrad, dtp, dwa, fixed, gradnorm, mgda, pcgrad, uncertainty  # noqa: F401  (register)
 from .base import Balancer, GradientBalancer, SharedParts
 from .dtp import task_kpis

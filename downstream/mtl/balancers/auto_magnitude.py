@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import Balancer, all_reduce_mean_
 
 

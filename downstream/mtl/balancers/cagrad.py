@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import GradientBalancer
 
 

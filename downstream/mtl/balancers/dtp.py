@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from ..losses import IGNORE_INDEX
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import Balancer, all_reduce_mean_
 
 KPI_NAMES = {"semseg": "pixel accuracy", "human_parts": "pixel accuracy", "sal": "IoU@0.5",

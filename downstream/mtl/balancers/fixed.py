@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import Balancer
 
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import Balancer, SharedParts, all_reduce_mean_, task_gradients
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import Balancer, GradientBalancer, SharedParts, all_reduce_sum_
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import GradientBalancer
 
 

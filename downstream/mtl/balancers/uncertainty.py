@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..registry import BALANCERS
+from ..components import BALANCERS
 from .base import Balancer, SharedParts, all_reduce_grads_
 
 REGRESSION_TASKS = ("depth", "normals")

@@ -140,7 +140,7 @@ class Chain:
     # --- steps -------------------------------------------------------------------------------------------
     def pretrain(self) -> Path:
         from selfsup.moco.config import PretrainConfig
-        from selfsup.moco.train import run_pretraining
+        from frozen.pretrain_monitors import pretrain  # run_pretraining with the kNN monitor registered
 
         if self.cfg.checkpoint:
             path = Path(self.cfg.checkpoint)
@@ -155,7 +155,7 @@ class Chain:
             print(f"\n== pretrain: python launch/pretrain.py --config {self.cfg.pretrain_config} --output-dir {run_dir}"
                   f"{''.join(' ' + o for o in self.cfg.pretrain_overrides)}", flush=True)
             start = time.perf_counter()
-            result = run_pretraining(pcfg)
+            result = pretrain(pcfg)
             self.timings["pretrain"] = time.perf_counter() - start
             done.write_text(json.dumps({"knn": result["knn"], "epoch": result["epoch"]}, indent=2))
         return run_dir / "checkpoint.pth"
@@ -165,7 +165,7 @@ class Chain:
         return json.loads(done.read_text())["knn"] if done.is_file() else []
 
     def export(self, checkpoint: Path) -> Path:
-        from selfsup.export import export_backbone
+        from selfsup.exporters import export_backbone
 
         out = self.out / "backbone_torchvision.pth"
         if not out.is_file() and "export" in self.cfg.steps:
@@ -209,10 +209,10 @@ class Chain:
         return self.cached("probes", arm, compute)
 
     def davis(self, arm: str, weights: str) -> Dict[str, Any]:
-        from selfsup.data import DAVIS2017
-        from downstream.evaluation.davis_metrics import evaluate_results_dir
-        from downstream.evaluation.features import dense_extractor
-        from downstream.evaluation.propagation import run_propagation
+        from frozen.davis import DAVIS2017
+        from frozen.davis_metrics import evaluate_results_dir
+        from frozen.features import dense_extractor
+        from frozen.propagation import run_propagation
 
         def compute() -> Dict[str, Any]:
             dataset = DAVIS2017(self.data("davis2017"), split="val")
@@ -224,9 +224,9 @@ class Chain:
         return self.cached("davis", arm, compute)
 
     def retrieval(self, arm: str, weights: str) -> Dict[str, Any]:
-        from selfsup.data import VOC2012Segmentation
-        from downstream.evaluation.features import dense_extractor
-        from downstream.evaluation.retrieval import run_retrieval
+        from frozen.voc import VOC2012Segmentation
+        from frozen.features import dense_extractor
+        from frozen.retrieval import run_retrieval
 
         def compute() -> Dict[str, Any]:
             out, voc = self.out / arm / "retrieval", self.data("voc2012")

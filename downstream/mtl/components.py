@@ -1,4 +1,4 @@
-"""Registries of the swappable parts of the multi-task models."""
+"""Registries of the swappable components of the multi-task models: architectures, heads, loss balancers."""
 from selfsup.registry import Registry
 
 ARCHITECTURES = Registry("mtl architecture")

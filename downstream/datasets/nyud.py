@@ -13,14 +13,19 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .catalog import DATASETS, resolve_data_root
-from .labels import IGNORE_INDEX, read_index_png
-from .images import DataError
+from selfsup.data.catalog import DATASETS, register_layout, resolve_data_root
+from selfsup.data.labels import IGNORE_INDEX, read_index_png
+from selfsup.data.images import DataError
 from .multitask import MultiTaskDataset, normalise_normals
 
 NUM_CLASSES = 40
 _FILES = {"semseg": ("segmentation", ".png"), "depth": ("depth", ".npy"), "normals": ("normals", ".npy"),
           "edge": ("edge", ".npy")}
+
+
+register_layout("nyud", ("images", "gt_sets"),
+                "images/<id>.jpg, segmentation/<id>.png, depth/<id>.npy, normals/<id>.npy, edge/<id>.npy, "
+                "gt_sets/{train,val}.txt", embedded_subdir="nyud")
 
 
 @DATASETS.register("nyud")

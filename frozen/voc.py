@@ -12,13 +12,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .catalog import DATASETS, resolve_data_root
-from .images import load_rgb
-from .labels import read_index_png
-from .multitask import read_split
-from .scenes import CLASS_NAMES
+from selfsup.data.catalog import DATASETS, register_layout, resolve_data_root
+from selfsup.data.images import load_rgb, read_split
+from selfsup.data.labels import read_index_png
+from selfsup.data.classes import CLASS_NAMES
 
 NUM_CLASSES = 21
+
+
+VOC_WRAPPERS = ("VOCdevkit/VOC2012", "VOC2012", "VOCdevkit/VOC2007", "VOC2007")
+register_layout("voc2012", ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
+                "JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt "
+                "(or VOCdevkit/VOC2012/ holding them)", embedded_subdir="voc2012", wrappers=VOC_WRAPPERS)
+register_layout("voc07", ("JPEGImages", "ImageSets/Main"),
+                "JPEGImages/<id>.jpg, ImageSets/Main/<class>_{trainval,test}.txt (or VOCdevkit/VOC2007/ holding them)",
+                embedded_subdir="voc2012", wrappers=VOC_WRAPPERS)
 
 
 @DATASETS.register("voc2012")

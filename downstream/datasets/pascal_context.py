@@ -25,8 +25,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from .catalog import DATASETS, resolve_data_root
-from .labels import IGNORE_INDEX, label_edges, read_index_png
+from selfsup.data.catalog import DATASETS, register_layout, resolve_data_root
+from selfsup.data.labels import IGNORE_INDEX, label_edges, read_index_png
 from .multitask import MultiTaskDataset, normalise_normals
 
 PERSON_CLASS_IND = 15
@@ -75,6 +75,12 @@ def read_human_parts(path: Union[str, Path], shape) -> np.ndarray:
             name = str(np.squeeze(part["part_name"]))
             target[np.asarray(part["mask"]) > 0] = PART_GROUPS[name]
     return target if target is not None else np.full(shape, IGNORE_INDEX, np.uint8)
+
+
+register_layout("pascal_context", ("JPEGImages", "ImageSets/Context"),
+                "JPEGImages/<id>.jpg, ImageSets/Context/{train,val}.txt, semseg/pascal-context/<id>.png, "
+                "human_parts/<id>.mat, normals_distill/<id>.png, sal_distill/<id>.png, "
+                "pascal-context/trainval/<id>.mat", embedded_subdir="pascal_context")
 
 
 @DATASETS.register("pascal_context")

@@ -14,19 +14,14 @@ Only the requested ``tasks`` are loaded. ``transform`` (mt_transforms) maps the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import DataError, load_rgb
-
-
-def read_split(path: Path) -> List[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+from selfsup.data.images import DataError, load_rgb, read_split
+from selfsup.data.preview import save_sample_grid
 
 
 class MultiTaskDataset(Dataset):
@@ -98,3 +93,14 @@ def normalise_normals(normals: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(normals, axis=-1, keepdims=True)
     return np.where(norm > 1e-3, normals / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
 
+
+def save_dataset_preview(root: Union[str, Path], path: Union[str, Path], *, num: int = 3, cell: int = 128) -> Path:
+    """Grid of ``num`` PASCAL-Context and ``num`` NYUD samples from an embedded/real data root."""
+    from .nyud import NYUDMT
+    from .pascal_context import PascalContextMT
+
+    root = Path(root)
+    pascal = PascalContextMT(root / "pascal_context", split="train")
+    nyud = NYUDMT(root / "nyud", split="train")
+    samples = [pascal[i] for i in range(min(num, len(pascal)))] + [nyud[i] for i in range(min(num, len(nyud)))]
+    return save_sample_grid(path, samples, cell=cell, title="PASCAL-Context (top), NYUD-v2 (bottom)")

@@ -136,7 +136,7 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
 
 def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     """Set up (distributed, data, model, optimiser), resume from ``cfg.output_dir`` if possible, train."""
-    from selfsup.moco.data import build_loader  # data set-up lives beside the loop
+    from selfsup.moco.pipeline import build_loader  # data set-up lives beside the loop
     from selfsup.monitors import build_monitors, log_monitors
 
     device = _device(cfg.train.device)

@@ -1,24 +1,22 @@
-"""Data set-up of a pretraining run: the view loader and the online kNN monitor."""
+"""Input pipeline of a pretraining run: the image files of ``data.name`` and the view loader over them."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional
+from typing import List
 
 import torch
-from torch import nn
 
 from selfsup.augment.loader import PretrainLoader, build_pretrain_loader
 from selfsup.config import ConfigError
 from selfsup.data import EMBEDDED, build_dataset, ensure_embedded_data
 from selfsup.data.catalog import EMBEDDED_SUBDIR
 from selfsup.distributed import DistEnv, barrier
-from selfsup.knn_monitor import extract_features, knn_accuracy, labelled_loaders
 from selfsup.moco.config import PretrainConfig
 
 logger = logging.getLogger(__name__)
 
 
-def _embedded(cfg: PretrainConfig, subdir: str) -> str:
+def embedded_root(cfg: PretrainConfig, subdir: str) -> str:
     """``subdir`` of the embedded data at ``data.embedded_num`` images; only that format is generated."""
     return str(ensure_embedded_data(num=cfg.data.embedded_num, formats=(subdir,)) / subdir)
 
@@ -30,9 +28,9 @@ def pretrain_files(cfg: PretrainConfig) -> List[str]:
     (``classification`` pretrains on its train split, labels unused)."""
     name, root = cfg.data.name, cfg.data.root
     if name == EMBEDDED:
-        name, root = "coco", root or _embedded(cfg, "coco")
+        name, root = "coco", root or embedded_root(cfg, "coco")
     elif root == EMBEDDED and name in EMBEDDED_SUBDIR:  # e.g. the object-centric images: classification + embedded
-        root = _embedded(cfg, EMBEDDED_SUBDIR[name])
+        root = embedded_root(cfg, EMBEDDED_SUBDIR[name])
     dataset = build_dataset(name, root=root) if root is not None else build_dataset(name)
     return [str(f) for f in dataset.files]
 
@@ -53,21 +51,3 @@ def build_loader(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> Pre
     return build_pretrain_loader(files, cfg.augment, batch_size=per_rank, num_workers=cfg.data.num_workers,
                                  seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=device,
                                  gpu_aug=gpu_aug)
-
-
-def build_knn_monitor(cfg: PretrainConfig, device: torch.device) -> Optional[Callable[[nn.Module], float]]:
-    """``monitor(backbone) -> kNN top-1 (%)`` on the labelled classification set, or None when off."""
-    if cfg.data.knn_monitor == "none":
-        return None
-    name, root = cfg.data.knn_monitor, cfg.data.knn_monitor_root
-    if name == EMBEDDED:
-        name, root = "classification", root or _embedded(cfg, "classification")
-    loaders, num_classes = labelled_loaders(name, root, size=cfg.augment.large_size,
-                                            workers=min(2, cfg.data.num_workers), mean=cfg.augment.mean,
-                                            std=cfg.augment.std)
-
-    def monitor(backbone: nn.Module) -> float:
-        train, val = (extract_features(backbone, loader, device=device) for loader in loaders)
-        return knn_accuracy(train, val, num_classes=num_classes, k=20, temperature=0.07)
-
-    return monitor

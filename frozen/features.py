@@ -9,7 +9,7 @@ monitors of a pretraining run:
 * :class:`DenseFeatures` gives L2-normalised dense maps at stride 8: a ResNet built with
   ``output_stride=8`` (layer3/layer4 strides traded for dilation) read at layer3 (layer4 is not run);
   HRNet's stride-8 branch;
-* pooled features come from :func:`selfsup.knn_monitor.extract_features`;
+* pooled features come from :func:`frozen.knn.extract_features`;
 * :func:`add_common_args` adds the flags every evaluation entry point shares.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from selfsup.backbones import ResNetBackbone, build_backbone
 from selfsup.checkpoint import load_backbone_weights
-from selfsup.knn_monitor import IMAGENET_MEAN, IMAGENET_STD
+from frozen.knn import IMAGENET_MEAN, IMAGENET_STD
 
 DENSE_STRIDE = 8
 

@@ -11,10 +11,14 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 from torch.utils.data import Dataset
 
-from .catalog import DATASETS, resolve_data_root
-from .images import load_rgb
-from .labels import read_index_png
-from .multitask import read_split
+from selfsup.data.catalog import DATASETS, register_layout, resolve_data_root
+from selfsup.data.images import load_rgb, read_split
+from selfsup.data.labels import read_index_png
+
+
+register_layout("davis2017", ("JPEGImages", "ImageSets/2017"),
+                "JPEGImages/480p/<seq>/<frame:05d>.jpg, Annotations/480p/<seq>/<frame:05d>.png, "
+                "ImageSets/2017/{train,val}.txt", embedded_subdir="davis2017", wrappers=("DAVIS",))
 
 
 @DATASETS.register("davis2017")

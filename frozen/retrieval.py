@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from selfsup.data.scenes import CLASS_NAMES
-from downstream.mtl.metrics import SegmentationMeter
+from frozen.voc import CLASS_NAMES
+from .miou import SegmentationMeter
 
 NUM_CLASSES = 21
 VOID = 255
