@@ -23,6 +23,7 @@ from typing import List, Optional
 from selfsup.data import VOC2012Segmentation
 from downstream.evaluation.features import add_common_args, dense_extractor
 from downstream.evaluation.retrieval import run_retrieval
+from selfsup.launcher import user_errors
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -38,6 +39,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--max-images", type=int, default=None, help="use only the first N images of each split")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    with user_errors():  # bad data, checkpoints, paths: one line, no traceback
+        run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     train_set = VOC2012Segmentation(args.data_root, split=args.train_split)
     val_set = VOC2012Segmentation(args.data_root, split=args.val_split)
     out = Path(args.output_dir or f"runs/retrieval_{args.arch}")
@@ -48,6 +54,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"retrieval over {result['images']} images at {result['images_per_s']:.1f} images/s")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "iou_per_class"}, indent=2))
+    return result
 
 
 if __name__ == "__main__":

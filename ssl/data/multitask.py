@@ -24,9 +24,13 @@ from .images import DataError, load_rgb
 
 
 def read_split(path: Path) -> List[str]:
+    """The ids of a split list (one per line); a missing file or one without ids is an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: empty split list (0 ids); expected one id per line")
+    return ids
 
 
 class MultiTaskDataset(Dataset):
