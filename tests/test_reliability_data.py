@@ -360,3 +360,14 @@ def test_optimizer_resume_keeps_the_configured_hyperparameters():
     with pytest.raises(CheckpointMismatchError, match=r"^ck\.pth: the optimizer state does not fit .*parameter groups: "
                                                       r"checkpoint \[1\] vs config \[1, 1\]"):
         load_optimizer_state(two, old.state_dict(), source="ck.pth")
+
+
+def test_unknown_optimizer_is_a_config_error_naming_the_key():
+    """Was: a ValueError traceback from the fine-tuning set-up, after the run dir was made."""
+    from downstream.mtl.config import MTLConfig
+    from selfsup.config import ConfigError, load_config
+    from selfsup.moco.config import PretrainConfig
+    with pytest.raises(ConfigError, match=r"optim\.optimizer='sgdd': expected adam or sgd"):
+        load_config(MTLConfig, overrides=["optim.optimizer=sgdd"])
+    with pytest.raises(ConfigError, match=r"optim\.name='adam': expected one of sgd, adamw"):
+        load_config(PretrainConfig, overrides=["optim.name=adam"])
