@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 from selfsup.data import DAVIS2017
 from selfsup.launcher import user_errors
-from downstream.evaluation.davis_metrics import evaluate_results_dir, skipped_frames, write_results
+from downstream.evaluation.davis_metrics import score_davis
 from downstream.evaluation.features import add_common_args, dense_extractor
 from downstream.evaluation.propagation import PropagationConfig, run_propagation
 
@@ -65,22 +64,12 @@ def run(args: argparse.Namespace) -> dict:
         speed = run_propagation(dense_extractor(args.arch, args.weights), dataset, out, cfg=cfg,
                                 pictures=not args.no_pictures)
         print(f"propagated {speed['frames']} frames at {speed['frames_per_s']:.1f} frames/s")
-    if dataset.first_frame_only and len(dataset.first_frame_only) == len(dataset) and args.eval_only is None:
-        result = {**speed, "sequences": len(dataset), "split": args.split, "scored": False}
-        print(f"{args.split}: every sequence is annotated in its first frame only (a test-dev split): predictions "
-              f"written to {out}, not scored")
-    else:
-        global_results, rows = evaluate_results_dir(out, dataset)
-        write_results(out, global_results, rows, split=args.split)
-        skipped = skipped_frames(dataset)
-        result = {**global_results, **speed, "sequences": len(dataset), "split": args.split,
-                  "skipped_frames": sum(map(len, skipped.values())), "skipped_frames_by_sequence": skipped}
+    result = {**score_davis(out, dataset, propagated=args.eval_only is None), **speed, "sequences": len(dataset),
+              "split": args.split}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    if result.get("skipped_frames"):
-        print(f"warning: {result['skipped_frames']} frames without annotation were not scored (results.json: "
-              f"skipped_frames_by_sequence)", file=sys.stderr)
     return result
+
 
 if __name__ == "__main__":
     main()

@@ -213,3 +213,19 @@ def evaluate_results_dir(results_dir: Union[str, Path], dataset, *, indices: Opt
         logger.warning("DAVIS %s: %d frames of %d sequences have no annotation and are not scored: %s", dataset.split,
                        count, len(skipped), "; ".join(f"{n}: {', '.join(f)}" for n, f in list(skipped.items())[:5]))
     return summarize(objects)
+
+
+def score_davis(results_dir: Union[str, Path], dataset, *, propagated: bool = True) -> Dict[str, object]:
+    """What an entry point reports for the predictions in ``results_dir``: the 7 global columns (the two CSVs are
+    written there), ``skipped_frames`` (frames without annotation, not scored; logged) and
+    ``skipped_frames_by_sequence``. A split annotated in its first frame only (test-dev) gives ``{"scored": False}``
+    after a propagation (``propagated``: the predictions are for the DAVIS server) and a :class:`DataError` when
+    asked to score existing predictions."""
+    if propagated and dataset.first_frame_only and len(dataset.first_frame_only) == len(dataset):
+        logger.warning("DAVIS %s: every sequence is annotated in its first frame only (a test-dev split): "
+                       "predictions written to %s, not scored", dataset.split, results_dir)
+        return {"scored": False}
+    global_results, rows = evaluate_results_dir(results_dir, dataset)
+    write_results(results_dir, global_results, rows, split=dataset.split)
+    skipped = skipped_frames(dataset)
+    return {**global_results, "skipped_frames": sum(map(len, skipped.values())), "skipped_frames_by_sequence": skipped}
