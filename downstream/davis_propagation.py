@@ -31,7 +31,7 @@ from selfsup.cli import (BACKBONES_HELP, WEIGHTS_HELP, BackboneConfig, entry_par
                          user_errors, write_config)
 from selfsup.config import load_config, nested_updates
 from frozen.davis import DAVIS2017
-from frozen.davis_metrics import evaluate_results_dir, write_results
+from frozen.davis_metrics import score_davis
 from frozen.features import dense_extractor
 from frozen.propagation import PropagationConfig, run_propagation
 
@@ -105,9 +105,8 @@ def run_davis(cfg: DavisConfig) -> Dict[str, Any]:
         print(f"propagated {speed['frames']} frames at {speed['frames_per_s']:.1f} frames/s")
     else:
         write_config(cfg, out, entry=ENTRY)
-    global_results, rows = evaluate_results_dir(out, dataset)
-    write_results(out, global_results, rows, split=cfg.data.split)
-    result = {**global_results, **speed, "sequences": len(dataset), "split": cfg.data.split}
+    result = {**score_davis(out, dataset, propagated=not cfg.eval_only), **speed, "sequences": len(dataset),
+              "split": cfg.data.split}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result

@@ -15,6 +15,7 @@ Objects of a sequence are the ids 1..max of its first annotation. All values are
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from selfsup.data.labels import read_index_png
+
+logger = logging.getLogger(__name__)
 
 VOID = 255
 BOUNDARY_TOLERANCE = 0.008
@@ -102,9 +105,16 @@ class ObjectScores:
         return f"{self.sequence}_{self.object_id}"
 
 
-def evaluate_sequence(name: str, gt: np.ndarray, pred: np.ndarray, *,
-                      tolerance: float = BOUNDARY_TOLERANCE) -> List[ObjectScores]:
-    """J and F of every object of one sequence: ``gt`` [T,H,W] uint8 (255 void), ``pred`` [T,H,W] object ids."""
+def scored_rows(annotated: Sequence[int], num_frames: int) -> List[int]:
+    """Rows of a sequence's annotations (``annotated``: their frame indices) that count: not its first or last frame."""
+    return [i for i, t in enumerate(annotated) if 0 < t < num_frames - 1]
+
+
+def evaluate_sequence(name: str, gt: np.ndarray, pred: np.ndarray, *, tolerance: float = BOUNDARY_TOLERANCE,
+                      scored: Optional[Sequence[int]] = None) -> List[ObjectScores]:
+    """J and F of every object of one sequence: ``gt`` [T,H,W] uint8 (255 void), ``pred`` [T,H,W] object ids;
+    ``scored``: the rows that count (default all but the first and the last; :func:`scored_rows` when some frames
+    have no annotation). Row 0 must be the first frame's annotation (its objects are the sequence's)."""
     if gt.shape != pred.shape:
         raise ValueError(f"sequence {name}: predictions {pred.shape} and annotations {gt.shape} differ in shape")
     first = gt[0][gt[0] != VOID]
@@ -115,7 +125,7 @@ def evaluate_sequence(name: str, gt: np.ndarray, pred: np.ndarray, *,
     scores = []
     for k in range(1, num_objects + 1):
         j, f = [], []
-        for t in range(1, gt.shape[0] - 1):  # the first and last frames do not count
+        for t in range(1, gt.shape[0] - 1) if scored is None else scored:  # the first and last frames do not count
             void, gt_k, pred_k = gt[t] == VOID, gt[t] == k, pred[t] == k
             j.append(region_similarity(pred_k, gt_k, void))
             f.append(boundary_f_measure(pred_k, gt_k, void, tolerance))
@@ -166,14 +176,56 @@ def read_predictions(results_dir: Union[str, Path], sequence: str, frame_names: 
     return np.stack([read_index_png(folder / f"{n}.png") for n in frame_names])
 
 
+def skipped_frames(dataset, indices: Optional[Sequence[int]] = None) -> Dict[str, List[str]]:
+    """Frames of the ``indices`` sequences of ``dataset`` (a DAVIS2017) that have no annotation and so are not
+    scored: ``{sequence: [frame names]}`` (empty when every frame is annotated)."""
+    names = [dataset.sequences[i] for i in (range(len(dataset)) if indices is None else indices)]
+    return {n: list(dataset.unannotated[n]) for n in names if n in dataset.unannotated}
+
+
 def evaluate_results_dir(results_dir: Union[str, Path], dataset, *, indices: Optional[Sequence[int]] = None,
                          tolerance: float = BOUNDARY_TOLERANCE) -> Tuple[Dict[str, float], List[Dict[str, object]]]:
     """Evaluate a folder of DAVIS-layout predictions against the sequences of ``dataset`` (a DAVIS2017;
-    ``indices``: a subset of its sequences)."""
+    ``indices``: a subset of its sequences).
+
+    Only annotated frames are scored; the sequence's own first and last frames never count. Frames without
+    annotation are logged here with their count (:func:`skipped_frames` lists them); a sequence annotated in its
+    first frame only (test-dev) cannot be scored: a :class:`DataError` naming it."""
+    from selfsup.data.images import DataError
+
+    indices = range(len(dataset)) if indices is None else indices
+    unscorable = [dataset.sequences[i] for i in indices if dataset.sequences[i] in dataset.first_frame_only]
+    if unscorable:
+        raise DataError(f"{dataset.root}: {len(unscorable)} sequences of {dataset.split} are annotated in their first "
+                        f"frame only ({', '.join(unscorable[:5])}): nothing to score (a test-dev split?); the "
+                        f"predictions in {results_dir} are for the DAVIS server")
     objects: List[ObjectScores] = []
-    for index in range(len(dataset)) if indices is None else indices:
+    for index in indices:
         name = dataset.sequences[index]
         gt = dataset.read_annotations(index)
         frame_names = [p.stem for p in dataset.annotation_paths(index)]
-        objects += evaluate_sequence(name, gt, read_predictions(results_dir, name, frame_names), tolerance=tolerance)
+        scored = scored_rows(dataset.annotated_frames(index), len(dataset.frame_paths(index)))
+        objects += evaluate_sequence(name, gt, read_predictions(results_dir, name, frame_names), tolerance=tolerance,
+                                     scored=scored)
+    skipped = skipped_frames(dataset, indices)
+    if skipped:
+        count = sum(map(len, skipped.values()))
+        logger.warning("DAVIS %s: %d frames of %d sequences have no annotation and are not scored: %s", dataset.split,
+                       count, len(skipped), "; ".join(f"{n}: {', '.join(f)}" for n, f in list(skipped.items())[:5]))
     return summarize(objects)
+
+
+def score_davis(results_dir: Union[str, Path], dataset, *, propagated: bool = True) -> Dict[str, object]:
+    """What an entry point reports for the predictions in ``results_dir``: the 7 global columns (the two CSVs are
+    written there), ``skipped_frames`` (frames without annotation, not scored; logged) and
+    ``skipped_frames_by_sequence``. A split annotated in its first frame only (test-dev) gives ``{"scored": False}``
+    after a propagation (``propagated``: the predictions are for the DAVIS server) and a :class:`DataError` when
+    asked to score existing predictions."""
+    if propagated and dataset.first_frame_only and len(dataset.first_frame_only) == len(dataset):
+        logger.warning("DAVIS %s: every sequence is annotated in its first frame only (a test-dev split): "
+                       "predictions written to %s, not scored", dataset.split, results_dir)
+        return {"scored": False}
+    global_results, rows = evaluate_results_dir(results_dir, dataset)
+    write_results(results_dir, global_results, rows, split=dataset.split)
+    skipped = skipped_frames(dataset)
+    return {**global_results, "skipped_frames": sum(map(len, skipped.values())), "skipped_frames_by_sequence": skipped}

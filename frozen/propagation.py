@@ -129,7 +129,7 @@ def run_propagation(extractor: DenseFeatures, dataset, out_dir: Union[str, Path]
     indices = range(len(dataset)) if indices is None else indices
     for index in tqdm(indices, desc="DAVIS propagation", unit="seq", disable=not progress):
         name = dataset.sequences[index]
-        frames, gt = dataset.read_frames(index), dataset.read_annotations(index)
+        frames, gt, annotated = dataset.read_sequence(index)
         start = time.perf_counter()
         pred = segment_sequence(extractor, frames, gt[0], cfg)
         sync_device(extractor.mean.device)
@@ -137,25 +137,31 @@ def run_propagation(extractor: DenseFeatures, dataset, out_dir: Union[str, Path]
         frames_done += len(frames) - 1
         save_sequence_png(out_dir, name, [p.stem for p in dataset.frame_paths(index)], pred)
         if pictures:
-            save_sequence_picture(out_dir / "overlays" / f"{name}.png", frames, _pad_gt(gt, len(frames)), pred)
+            save_sequence_picture(out_dir / "overlays" / f"{name}.png", frames, _pad_gt(gt, annotated, len(frames)), pred)
     return {"frames": frames_done, "seconds": seconds, "frames_per_s": frames_done / max(seconds, 1e-9),
             "cpu_seconds": time.process_time() - cpu_start}
 
 
-def _pad_gt(gt: np.ndarray, num_frames: int) -> np.ndarray:
-    """Annotations for every frame (test-dev ships only the first: the rest drawn empty)."""
-    if len(gt) >= num_frames:
-        return gt
-    return np.concatenate([gt, np.zeros((num_frames - len(gt),) + gt.shape[1:], gt.dtype)])
+def _pad_gt(gt: np.ndarray, annotated: Sequence[int], num_frames: int) -> np.ndarray:
+    """Annotations for every frame: ``gt[i]`` is frame ``annotated[i]``'s; frames without one (test-dev ships only
+    the first) are drawn empty."""
+    full = np.zeros((num_frames,) + gt.shape[1:], gt.dtype)
+    full[list(annotated)] = gt
+    return full
 
 
 def propagation_jf(extractor: DenseFeatures, dataset, *, indices: Sequence[int], max_frames: Optional[int] = None,
                    cfg: PropagationConfig = PropagationConfig()) -> Dict[str, float]:
-    """J&F (percent) of the ``indices`` sequences (their first ``max_frames`` frames), in memory (no PNGs)."""
-    from .davis_metrics import evaluate_sequence, summarize
+    """J&F (percent) of the ``indices`` sequences (their first ``max_frames`` frames), in memory (no PNGs).
+    Frames without annotation are propagated through, not scored (the reader logs them)."""
+    from .davis_metrics import evaluate_sequence, scored_rows, summarize
 
     objects = []
     for index in indices:
-        frames, gt = dataset.read_frames(index)[:max_frames], dataset.read_annotations(index)[:max_frames]
-        objects += evaluate_sequence(dataset.sequences[index], gt, segment_sequence(extractor, frames, gt[0], cfg))
+        frames, gt, annotated = dataset.read_sequence(index)
+        frames = frames[:max_frames]
+        keep = [i for i, t in enumerate(annotated) if t < len(frames)]
+        gt, annotated = gt[keep], [annotated[i] for i in keep]
+        pred = segment_sequence(extractor, frames, gt[0], cfg)[annotated]
+        objects += evaluate_sequence(dataset.sequences[index], gt, pred, scored=scored_rows(annotated, len(frames)))
     return summarize(objects)[0]

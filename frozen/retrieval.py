@@ -116,14 +116,17 @@ def retrieval_miou(train: Iterable[Item], val: Iterable[Item], *, k: int = 15, s
                    keep_predictions: int = 0) -> Dict[str, object]:
     """Segment retrieval mIoU (percent): ``miou_21``, ``miou_7``, per-class IoUs, and the first
     ``keep_predictions`` val images' (segments, prediction) for figures."""
-    descriptors, labels = [], []
+    descriptors, labels, num_train = [], [], 0
     for embeddings, gt in train:
+        num_train += 1
         segments = kmeans_segments(embeddings, k=k, seed=seed, fit_stride=fit_stride)
         seg_labels = majority_labels(segments, gt)
         descriptors.append(segments.descriptors[seg_labels >= 0])
         labels.append(seg_labels[seg_labels >= 0])
     if not sum(len(lab) for lab in labels):
-        raise ValueError("no train segment has a labelled pixel")
+        from selfsup.data.images import DataError
+        raise DataError(f"no train segment has a labelled pixel: the ground truth of all {num_train} train images "
+                        f"is void (255)" if num_train else "no train images")
     bank_labels = np.concatenate(labels)
     index = inner_product_index(np.concatenate(descriptors))
     meter21, meter7 = SegmentationMeter(NUM_CLASSES), SegmentationMeter(NUM_CLASSES)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from selfsup.data.catalog import DATASETS, register_layout, resolve_data_root
-from selfsup.data.images import load_rgb, read_split
+from selfsup.data.images import DataError, load_rgb, read_split
 from selfsup.data.labels import read_index_png
 from selfsup.data.classes import CLASS_NAMES
 
@@ -39,10 +39,12 @@ class VOC2012Segmentation(Dataset):
         self.root = resolve_data_root("voc2012", root)
         self.split = split
         self.transform = transform
-        self.ids = read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        self.ids = read_split(split_file)
         missing = [i for i in self.ids if not self.image_path(i).is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} ids of {split} have no image, e.g. {missing[:5]}")
+            raise FileNotFoundError(f"{len(missing)} of {len(self.ids)} ids in {split_file} have no image, e.g. "
+                                    f"{missing[:5]} (expected {self.image_path(missing[0])})")
         absent = [self.mask_path(i) for i in self.ids if not self.mask_path(i).is_file()]
         if absent:
             raise FileNotFoundError(f"missing segmentation file {absent[0]} ({len(absent)} missing)")
@@ -108,6 +110,8 @@ class VOC07Classification(Dataset):
             if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
                 raise ValueError(f"{path}:{n}: expected '<id> <1|0|-1>', got {line!r}")
             out[parts[0]] = int(parts[1])
+        if not out:
+            raise DataError(f"{path}: empty split list (0 ids); expected lines '<id> <1|0|-1>'")
         return out
 
     def __len__(self) -> int:

@@ -281,6 +281,63 @@ def load_backbone_weights(backbone: nn.Module, source: Union[PathLike, Mapping[s
     return {"missing": missing, "unexpected": unexpected}
 
 
+def load_model_state(model: nn.Module, weights: Mapping[str, torch.Tensor], *, source: PathLike,
+                     hint: str = "") -> None:
+    """``model.load_state_dict(weights)`` (strict), with one :class:`CheckpointMismatchError` line listing the shape
+    mismatches and the missing and unexpected keys instead of PyTorch's multi-line report; ``hint`` is appended."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        message = _mismatch_message(source, missing, unexpected, shapes).replace("the backbone", "the model of this config")
+        raise CheckpointMismatchError(message + hint)
+    model.load_state_dict(weights)
+
+
+def resume_hint(changes: Iterable[Any] = ()) -> str:
+    """The end of a resume's mismatch message: the accepted config changes (``(key, old, new)``) that may cause it."""
+    listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes if not str(k).startswith(("output_dir", "allow_")))
+    return (f". --allow-config-change cannot change the model of a run{f' (changed: {listed})' if listed else ''}: "
+            f"resume with the checkpoint's values or use another --output-dir")
+
+
+# hyperparameters that tell optimizer families apart: SGD's groups have momentum and dampening, Adam's/AdamW's betas
+# and eps
+_OPTIMIZER_SIGNATURE = frozenset({"momentum", "dampening", "betas", "eps"})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], *, source: PathLike) -> bool:
+    """Resume ``optimizer`` from ``saved`` (its ``state_dict()``), keeping the hyperparameters the new config gave it
+    (weight decay, momentum, betas, lr scales: PyTorch's own loading would silently restore the checkpoint's; the
+    learning rate itself is set by the schedule at every step).
+
+    State of another optimizer family (SGD <-> Adam, a config change accepted with ``--allow-config-change``) cannot
+    carry over: the optimizer keeps its fresh state, a warning names both, and False is returned. Groups that do
+    not fit (another number or size of parameter groups) are a one-line :class:`CheckpointMismatchError`."""
+    groups = saved.get("param_groups") or [{}]
+    old_sig, new_sig = (sorted(set(g) & _OPTIMIZER_SIGNATURE) for g in (groups[0], optimizer.param_groups[0]))
+    if old_sig != new_sig:
+        logger.warning("%s: its optimizer state is of another optimizer (groups with %s; %s has %s): %s starts with "
+                       "fresh state (momentum buffers or moments are not carried over)", source,
+                       ", ".join(old_sig) or "none", type(optimizer).__name__, ", ".join(new_sig) or "none",
+                       type(optimizer).__name__)
+        return False
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError) as err:
+        sizes = [len(g.get("params", [])) for g in groups]
+        raise CheckpointMismatchError(
+            f"{source}: the optimizer state does not fit the optimizer of this config ({_first_line(err)}; parameter "
+            f"groups: checkpoint {sizes} vs config {[len(g['params']) for g in optimizer.param_groups]}); resume with "
+            f"the checkpoint's model and optim keys or use another --output-dir") from None
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
+    return True
+
+
 def _mismatch_message(source: Any, missing: Iterable[str], unexpected: Iterable[str], shapes: Iterable[str]) -> str:
     def head(items: Iterable[str]) -> str:
         items = list(items)

@@ -151,6 +151,10 @@ class OptimConfig:
     balancer: str = "fixed"
     balancer_args: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optim.optimizer={self.optimizer!r}: expected adam or sgd")
+
 
 @dataclass
 class EvalConfig:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.checkpoint import last_checkpoint, load_backbone_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from selfsup.checkpoint import (CheckpointMismatchError, last_checkpoint, load_backbone_weights, load_checkpoint,
+                                load_model_state, load_optimizer_state, resume_hint, rng_state, save_checkpoint,
+                                set_rng_state)
 from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import barrier, init_distributed
 from selfsup.logs import ScalarWriter, setup_logging
@@ -151,6 +153,21 @@ def _check_single_task_reference(cfg: MTLConfig, tasks: TaskSet) -> None:
                                            f"single_task_{missing[0]}.yaml with the same --single-task-results first")
 
 
+def _resume_balancer(balancer: Balancer, state: Dict[str, Any], cfg: MTLConfig, path: Path) -> None:
+    """The balancer's state from a checkpoint; another balancer (accepted by --allow-config-change) starts fresh."""
+    old = ((state.get("config") or {}).get("optim") or {}).get("balancer", cfg.optim.balancer)
+    if old != cfg.optim.balancer:
+        logger.warning("%s: balancer state of optim.balancer=%s; optim.balancer=%s starts with fresh state", path, old,
+                       cfg.optim.balancer)
+        return
+    try:
+        balancer.load_state_dict(state["balancer"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointMismatchError(f"{path}: the balancer state does not fit optim.balancer={cfg.optim.balancer} "
+                                      f"with optim.balancer_args={cfg.optim.balancer_args} "
+                                      f"({str(err).strip().splitlines()[0][:200]})") from None
+
+
 def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     """Train and evaluate one multi-task (or single-task) model; returns the results dict."""
     env = init_distributed(device_type="cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
@@ -170,7 +187,6 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     setup_logging(out, rank=env.rank)
     if run is not None:
         run.log_changes()
-        save_config(cfg, out / "config.yaml")
     report = model_report(cfg)
     logger.info("model: %s", format_report(report))
     if env.is_main:
@@ -210,14 +226,17 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     start_epoch, step = 0, 0
     if resume is not None:
         state = load_checkpoint(resume)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_model_state(net, state["model"], source=resume,
+                         hint=resume_hint(run.accepted_changes if run is not None else []))
+        load_optimizer_state(optimizer, state["optimizer"], source=resume)
         if "balancer" in state:
-            balancer.load_state_dict(state["balancer"])
+            _resume_balancer(balancer, state, cfg, resume)
         start_epoch, step = state["epoch"], state["step"]
         set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
 
+    if run is not None:  # only once the checkpoint fits: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, out / "config.yaml")
     writer = ScalarWriter(out / "tb", enabled=env.is_main)
     edge_ids = (edge_eval_ids(cfg.eval.edge_ids, dataset=tasks.dataset, val_ids=dataset_ids(val_loader.dataset))
                 if "edge" in tasks.main else None)

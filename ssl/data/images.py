@@ -39,10 +39,48 @@ def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> L
 
 
 def read_split(path: Path) -> List[str]:
-    """The ids of a split file (one per line, blank lines skipped): the readers' ``ImageSets/.../<split>.txt``."""
+    """The ids of a split file (one per line, blank lines skipped): the readers' ``ImageSets/.../<split>.txt``; a
+    missing file or one without ids is an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: empty split list (0 ids); expected one id per line")
+    return ids
+
+
+def _opens_as_image(path: Union[str, Path]) -> bool:
+    """PIL identifies the file as an image (its header only: no decoding)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def _listing(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def require_images(folder: Union[str, Path], files: Sequence[Union[str, Path]],
+                   extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+    """:class:`DataError` ``<folder>: 0 of N files are images: a.txt, b.bin, ...`` when no file of ``files`` (the
+    image files found below ``folder``) opens as an image. Headers are read in order up to the first image, so a
+    usual folder costs one file open; unreadable files after it are skipped and counted while reading."""
+    if any(_opens_as_image(f) for f in files):
+        return
+    folder = Path(folder)
+    everything = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        everything += [os.path.relpath(os.path.join(dirpath, f), folder) for f in filenames if not f.startswith(".")]
+    everything.sort()
+    expected = f"expected {'/'.join(extensions)} files that decode"
+    if not everything:
+        raise DataError(f"{folder}: no files ({expected})")
+    found = set(os.path.relpath(str(f), folder) for f in files)
+    named = [f"{n} (not an image)" if n in found else n for n in everything]
+    raise DataError(f"{folder}: 0 of {len(everything)} files are images ({expected}): {_listing(named)}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -145,8 +183,7 @@ class ImageFolder(_SkippingImageFiles):
                  extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
         self.root = resolve_data_root(self.dataset_name, root)
         files = list_images(self.root, extensions)
-        if not files:
-            raise FileNotFoundError(f"no {'/'.join(extensions)} images below {self.root}")
+        require_images(self.root, files, extensions)
         super().__init__(files, transform)
 
     def __getitem__(self, index: int) -> Any:
@@ -177,12 +214,20 @@ class ClassificationFolder(_SkippingImageFiles):
         folder = self.root / split
         if not folder.is_dir():
             raise FileNotFoundError(f"split folder {folder} does not exist")
-        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        files, targets = [], []
+        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>.jpg)")
+        files, targets, empty = [], [], []
         for label, name in enumerate(self.classes):
             class_files = list_images(folder / name)
             files += class_files
             targets += [label] * len(class_files)
+            if not class_files:
+                empty.append(name)
+        require_images(folder, files)
+        if empty:
+            logger.warning("%s: %d of %d class folders hold no image: %s", folder, len(empty), len(self.classes),
+                           _listing(empty))
         self.targets = targets
         super().__init__(files, transform)
 

@@ -150,7 +150,6 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     setup_logging(run_dir, rank=env.rank)
     if run is not None:
         run.log_changes()
-        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     global_batch = cfg.optim.batch_size
     if global_batch % env.world_size:
@@ -177,9 +176,11 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     state = StepState()
     last = ckpt.last_checkpoint(run_dir)
     if last is not None:
-        state = _resume(last, model, optimizer)
+        state = _resume(last, model, optimizer, changes=run.accepted_changes if run is not None else [])
         logger.info("resumed from %s at epoch %d step %d (global step %d)", last, state.epoch,
                     state.step_in_epoch, state.global_step)
+    if run is not None:  # only once the checkpoint fits: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
     writer = ScalarWriter(run_dir, enabled=env.is_main)
     monitor = build_monitors(cfg, device) if env.is_main else None
 
@@ -235,10 +236,10 @@ def _checkpoint_state(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.O
             "scaler": None, "config": to_dict(cfg), "rng": ckpt.rng_state()}
 
 
-def _resume(path: Path, model: MoCo, optimizer: torch.optim.Optimizer) -> StepState:
+def _resume(path: Path, model: MoCo, optimizer: torch.optim.Optimizer, changes=()) -> StepState:
     state = ckpt.load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    ckpt.load_model_state(model, state["model"], source=path, hint=ckpt.resume_hint(changes))
+    ckpt.load_optimizer_state(optimizer, state["optimizer"], source=path)
     ckpt.set_rng_state(state["rng"])
     return StepState(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"])
 
