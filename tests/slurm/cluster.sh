@@ -175,7 +175,7 @@ netns_down() {
 # ---------------------------------------------------------------- configuration
 
 write_conf() {
-    local cpus mem nodes_line ctl part_nodes i
+    local cpus mem nodes_line ctl part_nodes i node
     cpus="$(nproc)"
     mkdir -p "$DIR/state" "$DIR/log"
     if [ "$(mode)" = two-host ]; then
@@ -184,7 +184,7 @@ write_conf() {
         ctl="$HOST($CTL_IP)"
         nodes_line=""
         for i in "${!NODES[@]}"; do
-            nodes_line+="NodeName=${NODES[$i]} NodeAddr=$(node_ip "$i") NodeHostname=${NODES[$i]} CPUs=$cpus RealMemory=$mem State=UNKNOWN"$'\n'
+            nodes_line+="NodeName=${NODES[$i]} NodeAddr=$(node_ip "$i") NodeHostname=${NODES[$i]} CPUs=$cpus Gres=gpu:1 RealMemory=$mem State=UNKNOWN"$'\n'
             mkdir -p "$DIR/spool/${NODES[$i]}"
         done
         part_nodes="$(IFS=,; echo "${NODES[*]}")"
@@ -192,7 +192,7 @@ write_conf() {
         # 90 % of MemTotal: slurmd drains a node whose RealMemory exceeds what it detects
         mem="$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
         ctl="$HOST"
-        nodes_line="NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+        nodes_line="NodeName=$HOST CPUs=$cpus Gres=gpu:1 RealMemory=$mem State=UNKNOWN"
         part_nodes="$HOST"
         mkdir -p "$DIR/spool/$HOST"
     fi
@@ -235,13 +235,18 @@ WaitTime=0
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
 JobRequeue=1
+# one "gpu" per host (gres.conf: File=/dev/null, no device): --gpus-per-node 1 submits as on a GPU cluster;
+# the jobs themselves find no CUDA and train on the CPU with gloo
+GresTypes=gpu
 $nodes_line
 # OverSubscribe=FORCE lets a few small test jobs share the CPUs of a node
 PartitionName=debug Nodes=$part_nodes Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
+    { echo "$MARK"; for node in $(node_names); do echo "NodeName=$node Name=gpu File=/dev/null"; done; } >"$DIR/gres.conf"
     if [ -d /etc/slurm ] || mkdir -p /etc/slurm 2>/dev/null; then
         if [ ! -e /etc/slurm/slurm.conf ] || head -1 /etc/slurm/slurm.conf | grep -qF "$MARK"; then
             cp "$CONF" /etc/slurm/slurm.conf 2>/dev/null || true
+            cp "$DIR/gres.conf" /etc/slurm/gres.conf 2>/dev/null || true
         fi
     fi
 }
