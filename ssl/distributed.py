@@ -97,19 +97,30 @@ def init_distributed(*, device_type: str = "cpu") -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-_PEER_LOST = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
-              "connection refused", "no route to host", "socket closed", "nccl")
+_PEER_LOST = ("gloo", "nccl", "pair closure", "connection closed by peer", "connection reset by peer",
+              "timed out waiting", "socket timeout", "broken pipe", "no route to host")
+
+
+def _raised_in_collective(err: BaseException) -> bool:
+    """The exception came out of torch.distributed (a collective, the store, DDP's buffer broadcast/all-reduce)."""
+    tb = err.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/torch/distributed/" in name or name.endswith("/torch/nn/parallel/distributed.py"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def collective_failure(err: BaseException, output_dir: Any) -> Optional[RuntimeError]:
     """A one-paragraph error for a collective or rendezvous that failed because another rank or host went away
-    (gloo/NCCL/store errors); None for any other exception (re-raised as it is)."""
+    (gloo/NCCL/store errors, e.g. gloo's "Timed out waiting 20000ms for send operation" or "Application timeout
+    caused pair closure"); None for any other exception (re-raised as it is)."""
     dist_errors = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError",
                                                           "DistStoreError") if hasattr(dist, name))
     text = str(err)
-    if not isinstance(err, dist_errors) and not (isinstance(err, RuntimeError) and any(
-            marker in text.lower() for marker in _PEER_LOST) and ("gloo" in text.lower() or "store" in text.lower()
-                                                                  or "nccl" in text.lower())):
+    if not isinstance(err, dist_errors) and not (isinstance(err, RuntimeError) and (
+            _raised_in_collective(err) or any(marker in text.lower() for marker in _PEER_LOST))):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     return RuntimeError(

@@ -147,5 +147,6 @@ def test_collective_timeout_and_failure_message(monkeypatch, tmp_path):
     message = str(distributed.collective_failure(gloo, tmp_path))
     assert message.startswith("rank 0/2 on ") and "a collective failed ([../gloo" in message
     assert f"the last checkpoint in {tmp_path} is intact" in message and "wait limit 20 s" in message
+    assert distributed.collective_failure(RuntimeError("Application timeout caused pair closure"), tmp_path)
     assert distributed.collective_failure(ValueError("bad config"), tmp_path) is None
     assert distributed.collective_failure(RuntimeError("CUDA out of memory"), tmp_path) is None
