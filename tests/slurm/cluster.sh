@@ -292,10 +292,16 @@ start_slurmd() {
 start() {
     local reason="" rc=0 node
     mkdir -p "$DIR" 2>/dev/null && [ -w "$DIR" ] || { log "cannot write $DIR (set SLURM_TEST_DIR)"; return 2; }
-    if is_running && { [ "$WANT_HOSTS" = 1 ] || [ "$(mode)" = two-host ]; }; then
-        echo "export SLURM_CONF=$CONF"
-        [ -s "$DIR/netns_error" ] && { log "one host only: $(cat "$DIR/netns_error")"; return 3; }
-        return 0
+    if is_running; then  # already up: as asked, or one host because two were impossible (exit 3 again)
+        if [ "$(mode)" = two-host ] || { [ "$WANT_HOSTS" = 1 ] && [ ! -s "$DIR/netns_error" ]; }; then
+            echo "export SLURM_CONF=$CONF"
+            return 0
+        fi
+        if [ "$WANT_HOSTS" = 2 ] && [ -s "$DIR/netns_error" ]; then
+            echo "export SLURM_CONF=$CONF"
+            log "one host only: two hosts impossible here ($(cat "$DIR/netns_error"))"
+            return 3
+        fi
     fi
     install_packages || return 2
     stop_daemons quiet
