@@ -179,7 +179,10 @@ def slurm_rank_env(job_env: Any) -> Dict[str, str]:
 
 
 class TrainingJob:
-    """The callable submitit runs in every SLURM task: set the torch.distributed env, then ``fn(cfg)``.
+    """The callable submitit runs in every SLURM task: set the torch.distributed env (:func:`slurm_rank_env`),
+    print where the task runs, then ``fn(cfg)``. A collective that fails because another rank or host went away
+    is re-raised as one clear error naming this rank, its host and the intact checkpoint
+    (:func:`selfsup.distributed.collective_failure`).
 
     On preemption or timeout submitit calls :meth:`checkpoint`, which requeues the same job; ``fn`` resumes from
     ``cfg.output_dir``'s last checkpoint (a plain ``scontrol requeue`` reruns it the same way).
