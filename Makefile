@@ -43,8 +43,9 @@ gpu-wheels:
 	rm -rf .whl && mv .whl.part .whl  # one version of each: two stop the install there
 	@ls -s .whl && du -sh .whl
 
+# two hosts in network namespaces (docs/slurm.md); exit 3 = namespaces impossible here, one host started instead
 slurm-start:
-	bash tests/slurm/cluster.sh start
+	bash tests/slurm/cluster.sh start || [ $$? = 3 ]
 
 slurm-stop:
 	bash tests/slurm/cluster.sh stop

@@ -144,8 +144,45 @@ def master_port(job_id: str) -> int:
     return 20000 + int(digits) % 20000
 
 
+def _tasks_on_node(tasks_per_node: str, node: int) -> Optional[int]:
+    """SLURM's compressed per-node task counts (``"2(x3),1"``) -> the count on ``node``; None if unparsable."""
+    counts: List[int] = []
+    for part in filter(None, tasks_per_node.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node] if 0 <= node < len(counts) else None
+
+
+def slurm_rank_env(job_env: Any) -> Dict[str, str]:
+    """torch.distributed's variables for one SLURM task, from submitit's ``JobEnvironment`` (SLURM's variables).
+
+    RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID, NODE_RANK = GROUP_RANK = SLURM_NODEID, WORLD_SIZE =
+    SLURM_NTASKS, LOCAL_WORLD_SIZE = this node's entry of SLURM_STEP_TASKS_PER_NODE (or SLURM_TASKS_PER_NODE);
+    MASTER_ADDR = the first host of SLURM_JOB_NODELIST (``scontrol show hostnames``), where rank 0 runs (SLURM
+    gives task ids node by node); MASTER_PORT from the job id (:func:`master_port`), the same on every node and
+    across requeues.
+    """
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or ""
+    local_world = _tasks_on_node(per_node, job_env.node) or max(1, job_env.num_tasks // max(1, job_env.num_nodes))
+    return {
+        "RANK": str(job_env.global_rank),
+        "LOCAL_RANK": str(job_env.local_rank),
+        "NODE_RANK": str(job_env.node),
+        "GROUP_RANK": str(job_env.node),
+        "WORLD_SIZE": str(job_env.num_tasks),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": job_env.hostnames[0],
+        "MASTER_PORT": str(master_port(job_env.job_id)),
+    }
+
+
 class TrainingJob:
-    """The callable submitit runs in every SLURM task: set the torch.distributed env, then ``fn(cfg)``.
+    """The callable submitit runs in every SLURM task: set the torch.distributed env (:func:`slurm_rank_env`),
+    print where the task runs, then ``fn(cfg)``. A collective that fails because another rank or host went away
+    is re-raised as one clear error naming this rank, its host and the intact checkpoint
+    (:func:`selfsup.distributed.collective_failure`).
 
     On preemption or timeout submitit calls :meth:`checkpoint`, which requeues the same job; ``fn`` resumes from
     ``cfg.output_dir``'s last checkpoint (a plain ``scontrol requeue`` reruns it the same way).
@@ -160,17 +197,18 @@ class TrainingJob:
 
         env = submitit.JobEnvironment()
         _reset_signals_in_forked_children()
-        os.environ.update({
-            "RANK": str(env.global_rank),
-            "LOCAL_RANK": str(env.local_rank),
-            "WORLD_SIZE": str(env.num_tasks),
-            "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // max(1, env.num_nodes))),
-            "MASTER_ADDR": env.hostnames[0],
-            "MASTER_PORT": str(master_port(env.job_id)),
-        })
-        logger.info("job %s task %d/%d on %s (master %s:%s)", env.job_id, env.global_rank, env.num_tasks,
-                    env.hostname, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-        return self.fn(self.cfg)
+        os.environ.update(slurm_rank_env(env))
+        print(f"task {env.global_rank}/{env.num_tasks} (node {env.node}, local rank {env.local_rank}) on "
+              f"{socket.gethostname()}: rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+        try:
+            return self.fn(self.cfg)
+        except Exception as err:
+            from selfsup.distributed import collective_failure
+
+            failure = collective_failure(err, self.cfg.output_dir)
+            if failure is None:
+                raise
+            raise failure from err
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit

@@ -79,15 +79,18 @@ def test_training_job_sets_distributed_env(monkeypatch, tmp_path):
     import submitit
 
     env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-           "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "node[7-8]"}
+           "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "node[7-8]",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                "GROUP_RANK"):
         monkeypatch.setenv(key, "unset")  # recorded, so the job's os.environ.update is undone after the test
         monkeypatch.delenv(key)
     job = launcher.TrainingJob(environment_of, SimpleNamespace(output_dir=str(tmp_path)))
     seen = job()
     assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == ("3", "1", "4")
+    assert (seen["NODE_RANK"], seen["GROUP_RANK"], seen["LOCAL_WORLD_SIZE"]) == ("1", "1", "2")
     assert seen["MASTER_ADDR"] == "node7" and seen["MASTER_PORT"] == str(launcher.master_port("4242"))
     delayed = job.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and isinstance(delayed.function,
@@ -97,3 +100,53 @@ def test_training_job_sets_distributed_env(monkeypatch, tmp_path):
 def test_import_root_finds_sys_path_modules():
     assert launcher._import_root("toy_jobs") == str((Path(__file__).parent / "slurm").resolve())
     assert launcher._import_root("selfsup.launcher") is None  # installed (editable): found anywhere
+
+
+def test_tasks_per_node_parsing():
+    assert [launcher._tasks_on_node("2(x3),1", n) for n in range(4)] == [2, 2, 2, 1]
+    assert launcher._tasks_on_node("8", 0) == 8 and launcher._tasks_on_node("8", 1) is None
+    assert launcher._tasks_on_node("garbage", 0) is None
+
+
+def test_rendezvous_checks_fail_in_one_line(monkeypatch):
+    """Real name resolution: a master name that does not resolve, and gloo across hosts from a host whose name
+    resolves to loopback only (here: the name 'localhost'), fail before any waiting; GLOO_SOCKET_IFNAME lifts
+    the second."""
+    import socket
+
+    from selfsup import distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    with pytest.raises(RuntimeError, match=r"MASTER_ADDR=no-such-host.invalid .*does not resolve"):
+        distributed.check_rendezvous(backend="gloo", world_size=2, local_world_size=1)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    distributed.check_rendezvous(backend="gloo", world_size=2, local_world_size=2)  # one host: loopback is fine
+    monkeypatch.setattr(socket, "gethostname", lambda: "localhost")  # this host's name: one that is loopback
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    with pytest.raises(RuntimeError, match=r"localhost resolves to 127\.0\.0\.1.*GLOO_SOCKET_IFNAME"):
+        distributed.check_rendezvous(backend="gloo", world_size=2, local_world_size=1)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    distributed.check_rendezvous(backend="gloo", world_size=2, local_world_size=1)
+
+
+def test_collective_timeout_and_failure_message(monkeypatch, tmp_path):
+    from selfsup import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout().total_seconds() == distributed.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "20")
+    assert distributed.collective_timeout().total_seconds() == 20
+    for bad in ("soon", "0"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match="SCENESSL_COLLECTIVE_TIMEOUT"):
+            distributed.collective_timeout()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "20")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [169.254.77.12]:4242")
+    message = str(distributed.collective_failure(gloo, tmp_path))
+    assert message.startswith("rank 0/2 on ") and "a collective failed ([../gloo" in message
+    assert f"the last checkpoint in {tmp_path} is intact" in message and "wait limit 20 s" in message
+    assert distributed.collective_failure(RuntimeError("Application timeout caused pair closure"), tmp_path)
+    assert distributed.collective_failure(ValueError("bad config"), tmp_path) is None
+    assert distributed.collective_failure(RuntimeError("CUDA out of memory"), tmp_path) is None

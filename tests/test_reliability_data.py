@@ -76,8 +76,8 @@ def test_davis_frame_without_annotation_is_scored_without_it_and_counted(davis, 
     assert f"sequence {seq}: 1 frames have no annotation (00005): propagated, not scored" in caplog.text
     # the predictions of the unannotated frame are written (the propagation went through it)
     assert (tmp_path / "out" / seq / "00005.png").is_file()
-    from selfsup.data import DAVIS2017
-    from downstream.evaluation.davis_metrics import scored_rows
+    from frozen.davis import DAVIS2017
+    from frozen.davis_metrics import scored_rows
     dataset = DAVIS2017(root, split="val")
     assert dataset.annotated_frames(0) == [t for t in range(24) if t != 5]
     assert scored_rows(dataset.annotated_frames(0), 24) == list(range(1, 22))  # frames 1..23 without 5: 21 rows

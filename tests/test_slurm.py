@@ -1,4 +1,5 @@
-"""selfsup.launcher on a real one-node SLURM cluster (tests/slurm/cluster.sh): submission, 2-task DDP, requeue.
+"""selfsup.launcher on a real local SLURM cluster (tests/slurm/cluster.sh, two hosts in network namespaces):
+submission, 2-task DDP, requeue; cross-host MoCo and MTL training, equivalence, requeue and a dead host.
 
 The cluster is started once per session (and stopped at the end if this session started it); when SLURM cannot
 be installed or started here the tests skip with the reason.
@@ -28,18 +29,27 @@ pytestmark = pytest.mark.slurm
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
+CLUSTER_INFO: dict = {}
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Start the local cluster (idempotent); stop it afterwards only if this session started it."""
+    """Start the local cluster (idempotent); stop it afterwards only if this session started it.
+
+    cluster.sh starts two hosts in network namespaces; where namespaces cannot be made (exit 3) it starts one
+    host instead: the one-host tests run, the two-host ones skip with the reason (``two_hosts``).
+    """
     if not CLUSTER.exists() or os.name != "posix":
         pytest.skip("tests/slurm/cluster.sh needs a POSIX machine")
     conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
-    already = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True).returncode == 0
-    if not already:
-        proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.skip(f"local SLURM cluster unavailable (cluster.sh start exit {proc.returncode}): "
-                        f"{proc.stderr.strip()[-800:]}")
+    status = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True)
+    already = status.returncode == 0
+    proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if proc.returncode not in (0, 3):
+        pytest.skip(f"local SLURM cluster unavailable (cluster.sh start exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-800:]}")
+    CLUSTER_INFO["hosts"] = subprocess.run([str(CLUSTER), "hosts"], capture_output=True, text=True).stdout.split()
+    CLUSTER_INFO["one_host_reason"] = proc.stderr.strip()[-800:] if proc.returncode == 3 else None
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
     yield conf
@@ -48,7 +58,17 @@ def slurm_cluster():
     else:
         os.environ["SLURM_CONF"] = old
     if not already:
-        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=60)
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def two_hosts(slurm_cluster):
+    """The two host names of the two-host cluster; skips with the reason where it runs on one host."""
+    if CLUSTER_INFO["one_host_reason"] is not None:
+        pytest.skip(f"two-host SLURM tests need network namespaces: {CLUSTER_INFO['one_host_reason']}")
+    if len(CLUSTER_INFO["hosts"]) != 2:
+        pytest.skip(f"the running cluster has hosts {CLUSTER_INFO['hosts']}, not two (SCENESSL_SLURM_HOSTS=1?)")
+    return CLUSTER_INFO["hosts"]
 
 
 def slurm_args(*argv: str) -> argparse.Namespace:
@@ -110,8 +130,9 @@ def test_two_tasks_gloo(slurm_cluster, tmp_path):
     results = wait_done(job)
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world_size"] == 2 and r["gathered"] == [0, 1] for r in results)
-    masters = {r["master"] for r in results}
-    assert masters == {f"{os.uname().nodename.split('.')[0]}:{launcher.master_port(job.job_id)}"}, masters
+    masters = {r["master"] for r in results}  # both tasks on one node (either host of the two-host cluster)
+    hosts = CLUSTER_INFO["hosts"]
+    assert len(masters) == 1 and masters.pop() in {f"{h}:{launcher.master_port(job.job_id)}" for h in hosts}
     assert (tmp_path / "rank0.json").is_file() and (tmp_path / "rank1.json").is_file()
 
 
@@ -153,8 +174,13 @@ def test_pretrain_entry_point_on_slurm(slurm_cluster, embedded_root, tmp_path):
     """launch/pretrain.py --slurm: a tiny 2-process MoCo run writes its checkpoint and TensorBoard events.
 
     ``embedded_root`` generates the embedded data once here; the job inherits SCENESSL_DATA and reuses it.
+    On the two-host cluster test_two_host_pretraining_equals_one_process covers all of this (and more) through
+    the same entry point, so this one runs only on a one-host cluster (the suite's time budget).
     """
     import submitit
+
+    if CLUSTER_INFO["one_host_reason"] is None and len(CLUSTER_INFO["hosts"]) == 2:
+        pytest.skip("covered on the two-host cluster by test_two_host_pretraining_equals_one_process")
 
     repo = HERE.parent
     out = tmp_path / "pretrain"
@@ -172,3 +198,204 @@ def test_pretrain_entry_point_on_slurm(slurm_cluster, embedded_root, tmp_path):
     assert (out / "checkpoint.pth").is_file(), sorted(p.name for p in out.iterdir())
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events in the run directory"
     assert (out / "log_rank1.txt").is_file(), "rank 1 did not run"
+
+
+# ---------------------------------------------------------------- two hosts: cross-host training
+
+REPO = HERE.parent
+TIMEOUT_S = 20  # SCENESSL_COLLECTIVE_TIMEOUT of the two-host jobs: a dead host fails the survivor after 20 s
+PRETRAIN_TINY = [  # the improved recipe (multi-crop, kNN positives from step 0), tiny: 2 ranks x 8 images
+    "--arch", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--multicrop", "--num-small", "2",
+    "--knn", "4", "moco.knn_warmup_epochs=0", "model.hidden_dim=64", "model.dim=32", "moco.queue_size=64",
+    "augment.large_size=32", "augment.small_size=16", "data.knn_monitor=none", "model.shuffle_bn_groups=2",
+    "train.checkpoint_every_steps=1", "train.log_every_steps=1"]
+
+
+def submit_entry_point(script: str, out: Path, *argv: str, tasks=(0, 1)):
+    """``python <script> --slurm --nodes 2 --gpus-per-node 1 ...`` as a user types it; the submitit job."""
+    import submitit
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCENESSL_COLLECTIVE_TIMEOUT": str(TIMEOUT_S)}
+    cmd = [sys.executable, str(REPO / script), "--slurm", "--nodes", "2", "--gpus-per-node", "1",
+           "--cpus-per-task", "1", "--timeout-min", "30", "--output-dir", str(out), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert proc.returncode == 0, f"submission failed:\n{proc.stdout}\n{proc.stderr}"
+    match = re.search(r"submitted job (\S+):", proc.stdout)
+    assert match, proc.stdout
+    return submitit.SlurmJob(folder=out / "slurm", job_id=match.group(1), tasks=tasks)
+
+
+def task_placement(job) -> dict:
+    """{task: (host, rendezvous address)} from the launcher's first line in each task's log."""
+    placed = {}
+    for path in Path(job.paths.folder).glob(f"{job.job_id}_*_log.out"):
+        for rank, host, master in re.findall(r"^task (\d+)/2 \(node \d+, local rank 0\) on (\S+): rendezvous (\S+)$",
+                                             path.read_text(), flags=re.M):
+            placed[int(rank)] = (host, master)
+    return placed
+
+
+def assert_one_rank_per_host(job, hosts) -> None:
+    port = launcher.master_port(job.job_id)
+    assert task_placement(job) == {0: (hosts[0], f"{hosts[0]}:{port}"), 1: (hosts[1], f"{hosts[0]}:{port}")}, \
+        job_logs(job)
+
+
+def checkpoint_step(run: Path) -> int:
+    from selfsup.checkpoint import load_checkpoint
+
+    try:
+        return int(load_checkpoint(run / "checkpoint.pth")["global_step"])
+    except Exception:  # noqa: BLE001 - not written yet
+        return 0
+
+
+def assert_equal_to_one_process(run: Path, steps: int) -> None:
+    """The 2-host run's checkpoint vs the one-process twin (tests/slurm/moco_reference.py: same global batch,
+    per-rank BN groups): the key queue and backbone queue (contents and order), the queue pointer and counter,
+    and every parameter of the query and key encoders, after ``steps`` steps, to 1e-5 (CPU float sums differ
+    in order). A one-process run with one BN group per view batch (no per-rank query BN) must differ: the
+    comparison sees the grouping."""
+    import moco_reference
+    from selfsup.checkpoint import load_checkpoint
+    from selfsup.config import load_config
+    from selfsup.moco.config import PretrainConfig
+
+    ckpt = load_checkpoint(run / "checkpoint.pth")
+    assert ckpt["global_step"] == steps
+    got = moco_reference.compared_state(ckpt["model"])
+    cfg = load_config(PretrainConfig, yaml_path=run / "config.yaml", overrides=[f"output_dir={run}-reference"])
+    want = moco_reference.train_one_process(cfg, world_size=2, steps=steps)
+    assert got.keys() == want.keys() and {"key_queue", "backbone_queue", "queue_ptr"} <= set(got)
+    diffs = {k: float((got[k].double() - want[k].double()).abs().max()) for k in got}
+    worst = max(diffs, key=diffs.get)
+    print(f"{steps} steps: largest difference {diffs[worst]:.3g} ({worst})")
+    assert diffs[worst] < 1e-5, f"{worst} differs by {diffs[worst]:.3g}"
+    assert int(got["queue_ptr"]) == (steps * 16) % 64 and int(got["num_enqueued"]) == steps * 16
+    moved = float((got["encoder_q.head.0.weight"] - moco_reference.initial_state(cfg)["encoder_q.head.0.weight"]).abs().max())
+    assert moved > 1e-3, "the weights did not move: nothing was compared"
+    if steps <= 4:  # the negative control (one more reference run): only in the short test
+        plain = moco_reference.train_one_process(cfg, world_size=2, steps=steps, per_rank_queries=False)
+        assert max(float((got[k].double() - plain[k].double()).abs().max()) for k in got) > 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_two_host_pretraining_equals_one_process(two_hosts, embedded_root, tmp_path):
+    """launch/pretrain.py --slurm --nodes 2 --gpus-per-node 1: one rank per host (gloo over the veth bridge),
+    the queue all-gather and shuffle-BN across hosts; 4 steps equal the one-process twin."""
+    out = tmp_path / "moco2h"
+    job = submit_entry_point("launch/pretrain.py", out, "--epochs", "1", "train.steps_per_epoch=4", *PRETRAIN_TINY)
+    wait_done(job, timeout=180)
+    assert_one_rank_per_host(job, two_hosts)
+    assert (out / "log_rank1.txt").is_file() and list(out.glob("events.out.tfevents.*"))
+    assert_equal_to_one_process(out, steps=4)
+
+
+@pytest.mark.timeout(300)
+def test_two_host_mtl_finetuning_with_pcgrad(two_hosts, embedded_root, tmp_path):
+    """downstream/finetune_mtl.py --slurm --nodes 2 with PCGrad (per-task gradients on the shared encoder,
+    averaged over the two hosts once): it trains, evaluates and writes its results."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("epochs: 1\nmax_iters_per_epoch: 2\nprogress: false\n"
+                      "data: {batch_size: 4, eval_batch_size: 4, num_workers: 0, max_train_images: 8, max_val_images: 4}\n"
+                      "model: {backbone: resnet_tiny, fpn_channels: 16, head_channels: 16, task_channels: 8, "
+                      "widths: narrow}\n")
+    out = tmp_path / "mtl2h"
+    job = submit_entry_point("downstream/finetune_mtl.py", out, "--config", str(config), "--data-root",
+                             str(embedded_root / "nyud"), "optim.balancer=pcgrad")
+    wait_done(job, timeout=240)
+    assert_one_rank_per_host(job, two_hosts)
+    results = json.loads((out / "results.json").read_text())
+    assert results["balancer"] == "pcgrad" and set(results["metrics"]) == {"semseg", "depth"}
+    assert (out / "checkpoint.pth").is_file() and (out / "log_rank1.txt").is_file()
+
+
+def resumes(run: Path, rank: int) -> list:
+    log = run / f"log_rank{rank}.txt"
+    text = log.read_text() if log.exists() else ""
+    return [(int(e), int(s), int(g)) for e, s, g in
+            re.findall(r"resumed from \S+ at epoch (\d+) step (\d+) \(global step (\d+)\)", text)]
+
+
+@pytest.mark.timeout(420)
+def test_two_host_requeue_resumes_on_both_hosts(two_hosts, embedded_root, tmp_path):
+    """Preemption (submitit's USR2) and then an admin's ``scontrol requeue`` of the 2-node job, each mid-epoch:
+    both hosts resume from rank 0's checkpoint, and the run ends bit-identical (model with BN statistics and
+    queues, optimizer state) to the same 2-node job run uninterrupted beside it.
+
+    (Not to the one-process twin: its float differences from a 2-host run grow with the steps — < 1e-5 after
+    12 steps, 0.045 in the queue after 48, measured 2026-12-07; 4 steps are compared with it above.)
+    """
+    import torch
+
+    from selfsup.checkpoint import load_checkpoint
+
+    # 48 steps: the second interruption comes ~4 steps after the first resume, long before the end
+    argv = ("--epochs", "2", "train.steps_per_epoch=24", *PRETRAIN_TINY)
+    reference = submit_entry_point("launch/pretrain.py", tmp_path / "uninterrupted", *argv)
+    out = tmp_path / "requeued"
+    job = submit_entry_point("launch/pretrain.py", out, *argv)
+    wait_until(lambda: checkpoint_step(out) >= 2, job, timeout=150, what="2 training steps")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    wait_until(lambda: resumes(out, 0) and resumes(out, 1), job, timeout=120, what="resume after USR2 on both hosts")
+    assert "TrainingJob.checkpoint: requeuing" in job_logs(job)
+    first = resumes(out, 0)[0][2]
+    wait_until(lambda: checkpoint_step(out) >= first + 2, job, timeout=120, what="steps after the first resume")
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    wait_until(lambda: len(resumes(out, 0)) >= 2 and len(resumes(out, 1)) >= 2, job, timeout=120,
+               what="resume after scontrol requeue on both hosts")
+    wait_done(job, timeout=180)
+    wait_done(reference, timeout=180)
+    assert resumes(out, 0) == resumes(out, 1)  # both hosts read the same checkpoint
+    assert len(resumes(out, 0)) == 2 and all(0 < step < 48 for _, _, step in resumes(out, 0)), resumes(out, 0)
+    assert any(in_epoch > 0 for _, in_epoch, _ in resumes(out, 0)), f"no resume mid-epoch: {resumes(out, 0)}"
+    assert_one_rank_per_host(job, two_hosts)
+    assert_one_rank_per_host(reference, two_hosts)
+    got, want = (load_checkpoint(run / "checkpoint.pth") for run in (out, tmp_path / "uninterrupted"))
+    assert got["global_step"] == want["global_step"] == 48
+    assert got["model"].keys() == want["model"].keys()
+    unequal = [k for k in want["model"] if not torch.equal(got["model"][k], want["model"][k])]
+    assert not unequal, f"the requeued run differs from the uninterrupted one in {unequal[:5]}"
+    for a, b in zip(got["optimizer"]["state"].values(), want["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+@pytest.mark.timeout(300)
+def test_dead_host_fails_clearly_and_keeps_the_checkpoint(two_hosts, embedded_root, tmp_path):
+    """Host 2 dies mid-run (cluster.sh kill-host: its link cut, then slurmd and its ranks killed, so no FIN or
+    RST reaches host 1): rank 0 fails after the collective timeout with a clear error naming it and the
+    checkpoint, instead of hanging; the checkpoint loads and the model resumes from it."""
+    import torch
+
+    from selfsup.checkpoint import load_checkpoint
+    from selfsup.config import load_config
+    from selfsup.moco.config import PretrainConfig
+    from selfsup.moco.train import build_model
+
+    out = tmp_path / "dead"
+    job = submit_entry_point("launch/pretrain.py", out, "--epochs", "1", "train.steps_per_epoch=400", *PRETRAIN_TINY)
+    try:
+        wait_until(lambda: checkpoint_step(out) >= 2, job, timeout=150, what="2 training steps")
+        killed = subprocess.run([str(CLUSTER), "kill-host", two_hosts[1]], capture_output=True, text=True)
+        assert killed.returncode == 0, killed.stderr
+        killed_at = time.time()
+        rank0 = job.task(0)
+        deadline = killed_at + TIMEOUT_S + 90
+        while not rank0.paths.result_pickle.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert rank0.paths.result_pickle.exists(), f"rank 0 still waits {time.time() - killed_at:.0f}s after the " \
+                                                   f"host died\n{job_logs(job)}"
+        with pytest.raises(Exception) as failure:
+            rank0.result()
+        message = str(failure.value)
+        assert f"rank 0/2 on {two_hosts[0]}: a collective failed" in message, message[-3000:]
+        assert f"the last checkpoint in {out} is intact" in message and "SCENESSL_COLLECTIVE_TIMEOUT" in message
+    finally:
+        subprocess.run(["scancel", job.job_id], capture_output=True)
+        revived = subprocess.run([str(CLUSTER), "revive-host", two_hosts[1]], capture_output=True, text=True,
+                                 timeout=120)
+        assert revived.returncode == 0, revived.stderr
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["global_step"] >= 2
+    cfg = load_config(PretrainConfig, yaml_path=out / "config.yaml", overrides=[f"output_dir={out}"])
+    build_model(cfg, torch.device("cpu")).load_state_dict(ckpt["model"])
