@@ -186,7 +186,7 @@ def test_pretrain_entry_point_on_slurm(slurm_cluster, embedded_root, tmp_path):
     out = tmp_path / "pretrain"
     cmd = [sys.executable, str(repo / "launch" / "pretrain.py"), "--slurm", "--tasks-per-node", "2",
            "--cpus-per-task", "1", "--timeout-min", "30", "--output-dir", str(out),
-           "--epochs", "1", "--arch", "resnet_tiny", "--batch-size", "16", "--workers", "0",
+           "--epochs", "1", "--backbone", "resnet_tiny", "--batch-size", "16", "--workers", "0",
            "model.hidden_dim=64", "moco.queue_size=64", "train.steps_per_epoch=2", "augment.large_size=32",
            "data.knn_monitor=none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=120)
@@ -205,7 +205,7 @@ def test_pretrain_entry_point_on_slurm(slurm_cluster, embedded_root, tmp_path):
 REPO = HERE.parent
 TIMEOUT_S = 20  # SCENESSL_COLLECTIVE_TIMEOUT of the two-host jobs: a dead host fails the survivor after 20 s
 PRETRAIN_TINY = [  # the improved recipe (multi-crop, kNN positives from step 0), tiny: 2 ranks x 8 images
-    "--arch", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--multicrop", "--num-small", "2",
+    "--backbone", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--multicrop", "--num-small", "2",
     "--knn", "4", "moco.knn_warmup_epochs=0", "model.hidden_dim=64", "model.dim=32", "moco.queue_size=64",
     "augment.large_size=32", "augment.small_size=16", "data.knn_monitor=none", "model.shuffle_bn_groups=2",
     "train.checkpoint_every_steps=1", "train.log_every_steps=1"]
@@ -370,7 +370,7 @@ def test_dead_host_fails_clearly_and_keeps_the_checkpoint(two_hosts, embedded_ro
     from selfsup.checkpoint import load_checkpoint
     from selfsup.config import load_config
     from selfsup.moco.config import PretrainConfig
-    from selfsup.moco.train import build_model
+    from selfsup.moco.loop import build_model
 
     out = tmp_path / "dead"
     job = submit_entry_point("launch/pretrain.py", out, "--epochs", "1", "train.steps_per_epoch=400", *PRETRAIN_TINY)

@@ -27,8 +27,8 @@ from torch import nn
 
 from selfsup.distributed import DistEnv
 from selfsup.logs import ScalarWriter
-from selfsup.moco.data import build_loader
-from selfsup.moco.train import StepState, build_model, build_optimizer, train_one_epoch
+from selfsup.moco.pipeline import build_loader
+from selfsup.moco.loop import StepState, build_model, build_optimizer, train_one_epoch
 from selfsup.schedule import cosine_lr
 
 
