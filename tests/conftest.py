@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +96,37 @@ def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
         f"output_dir={out}", "data.num_workers=1", "train.epochs=30", "augment.large_scale=[0.2,1.0]"])
     knn = [h["knn_acc"] for h in run_pretraining(cfg)["knn"]]
     return {"checkpoint": out / "checkpoint.pth", "knn": knn}
+
+
+# The local SLURM cluster (tests/slurm/cluster.sh), shared by tests/test_slurm.py and the --slurm entry-point tests
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+CLUSTER_INFO: dict = {}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the local cluster (idempotent); stop it afterwards only if this session started it.
+
+    cluster.sh starts two hosts in network namespaces; where namespaces cannot be made (exit 3) it starts one
+    host instead: the one-host tests run, the two-host ones skip with the reason (``two_hosts``).
+    """
+    if not CLUSTER.exists() or os.name != "posix":
+        pytest.skip("tests/slurm/cluster.sh needs a POSIX machine")
+    conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
+    status = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True)
+    already = status.returncode == 0
+    proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if proc.returncode not in (0, 3):
+        pytest.skip(f"local SLURM cluster unavailable (cluster.sh start exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-800:]}")
+    CLUSTER_INFO["hosts"] = subprocess.run([str(CLUSTER), "hosts"], capture_output=True, text=True).stdout.split()
+    CLUSTER_INFO["one_host_reason"] = proc.stderr.strip()[-800:] if proc.returncode == 3 else None
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    if not already:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)

@@ -308,12 +308,9 @@ def test_slurm_flag_on_an_evaluation_goes_through_the_launcher(tmp_path, embedde
 
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
-def test_retrieval_on_the_local_slurm_cluster(tmp_path, embedded_root, request):
-    """segment_retrieval.py --slurm on the real local cluster (tests/test_slurm.py's fixture)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_slurm import slurm_cluster  # noqa: F401  (the session fixture)
-
-    conf = request.getfixturevalue("slurm_cluster")
+def test_retrieval_on_the_local_slurm_cluster(tmp_path, embedded_root, slurm_cluster):
+    """segment_retrieval.py --slurm on the real local cluster (conftest.py's session fixture)."""
+    conf = slurm_cluster
     out = tmp_path / "ret"
     cmd = [PYTHON, str(REPO / "downstream" / "segment_retrieval.py"), "--slurm", "--cpus-per-task", "1",
            "--timeout-min", "10", "--weights", "none", "--backbone", "resnet_tiny", "--output-dir", str(out),

@@ -19,8 +19,9 @@ import pytest
 
 from selfsup import launcher
 
+from conftest import CLUSTER, CLUSTER_INFO  # the session fixture slurm_cluster lives in conftest.py
+
 HERE = Path(__file__).parent
-CLUSTER = HERE / "slurm" / "cluster.sh"
 sys.path.insert(0, str(HERE / "slurm"))
 import toy_jobs  # noqa: E402
 
@@ -29,36 +30,6 @@ pytestmark = pytest.mark.slurm
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-CLUSTER_INFO: dict = {}
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """Start the local cluster (idempotent); stop it afterwards only if this session started it.
-
-    cluster.sh starts two hosts in network namespaces; where namespaces cannot be made (exit 3) it starts one
-    host instead: the one-host tests run, the two-host ones skip with the reason (``two_hosts``).
-    """
-    if not CLUSTER.exists() or os.name != "posix":
-        pytest.skip("tests/slurm/cluster.sh needs a POSIX machine")
-    conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
-    status = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True)
-    already = status.returncode == 0
-    proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
-    if proc.returncode not in (0, 3):
-        pytest.skip(f"local SLURM cluster unavailable (cluster.sh start exit {proc.returncode}): "
-                    f"{proc.stderr.strip()[-800:]}")
-    CLUSTER_INFO["hosts"] = subprocess.run([str(CLUSTER), "hosts"], capture_output=True, text=True).stdout.split()
-    CLUSTER_INFO["one_host_reason"] = proc.stderr.strip()[-800:] if proc.returncode == 3 else None
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
-    if not already:
-        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)
 
 
 @pytest.fixture
@@ -330,8 +301,10 @@ def test_two_host_requeue_resumes_on_both_hosts(two_hosts, embedded_root, tmp_pa
 
     from selfsup.checkpoint import load_checkpoint
 
-    # 48 steps: the second interruption comes ~4 steps after the first resume, long before the end
-    argv = ("--epochs", "2", "train.steps_per_epoch=24", *PRETRAIN_TINY)
+    # 120 steps: the second interruption comes ~2 steps after the first resume, long before the end. submitit
+    # ignores the SIGTERM of a requeue and SLURM kills after KillWait (5 s): the steps left must outlast that on an
+    # idle machine (~0.1 s a step), or the job ends before it is requeued (seen with 48 steps)
+    argv = ("--epochs", "2", "train.steps_per_epoch=60", *PRETRAIN_TINY)
     reference = submit_entry_point("launch/pretrain.py", tmp_path / "uninterrupted", *argv)
     out = tmp_path / "requeued"
     job = submit_entry_point("launch/pretrain.py", out, *argv)
@@ -347,12 +320,12 @@ def test_two_host_requeue_resumes_on_both_hosts(two_hosts, embedded_root, tmp_pa
     wait_done(job, timeout=180)
     wait_done(reference, timeout=180)
     assert resumes(out, 0) == resumes(out, 1)  # both hosts read the same checkpoint
-    assert len(resumes(out, 0)) == 2 and all(0 < step < 48 for _, _, step in resumes(out, 0)), resumes(out, 0)
+    assert len(resumes(out, 0)) == 2 and all(0 < step < 120 for _, _, step in resumes(out, 0)), resumes(out, 0)
     assert any(in_epoch > 0 for _, in_epoch, _ in resumes(out, 0)), f"no resume mid-epoch: {resumes(out, 0)}"
     assert_one_rank_per_host(job, two_hosts)
     assert_one_rank_per_host(reference, two_hosts)
     got, want = (load_checkpoint(run / "checkpoint.pth") for run in (out, tmp_path / "uninterrupted"))
-    assert got["global_step"] == want["global_step"] == 48
+    assert got["global_step"] == want["global_step"] == 120
     assert got["model"].keys() == want["model"].keys()
     unequal = [k for k in want["model"] if not torch.equal(got["model"][k], want["model"][k])]
     assert not unequal, f"the requeued run differs from the uninterrupted one in {unequal[:5]}"
