@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.data import DATASETS, ClassificationFolder, ImageFolder, build_dataset, ensure_embedded_data, generate_datasets, resolve_data_root
+from selfsup.data import (DATASETS, ClassificationFolder, ImageFolder, build_dataset, ensure_embedded_data,
+                          generate_datasets, resolve_data_root)
 from frozen.davis import DAVIS2017
-from downstream.datasets import NYUDMT, PascalContextMT
 from frozen.voc import VOC2012Segmentation
+from downstream.datasets import NYUDMT, PascalContextMT
 from downstream.datasets import mt_transforms as T
 from selfsup.data.labels import voc_palette
 from selfsup.data.scenes import MAX_WALL_DEPTH_M

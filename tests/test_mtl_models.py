@@ -2,7 +2,10 @@
 import pytest
 import torch
 
+from selfsup.backbones import BACKBONES
+
 from downstream.mtl.bench import synthetic_batch
+from downstream.mtl.encoder import build_encoder
 from downstream.mtl.losses import MultiTaskLoss
 from downstream.mtl.models import architecture_names, build_model, init_output_bias
 from downstream.mtl.tasks import TaskSet, loss_weights
@@ -54,12 +57,28 @@ def test_multi_task_architectures(arch, task_set):
         assert len(out["initial"]) == 1 and set(out["initial"][0]) == set(tasks.all)
 
 
-@pytest.mark.parametrize("arch", ["astmt", "cross_stitch", "nddr", "mtan"])
-def test_single_tasking_and_encoder_focused_architectures(arch):
-    """The same checks on main + auxiliary tasks (32 px keeps the per-task backbones / passes cheap)."""
-    tasks = TASK_SETS["nyud_aux"]
-    out = _check(build_model(arch, tasks=tasks, **TINY), tasks, H=32, W=32)
-    assert len(out["initial"]) == 1 and set(out["initial"][0]) == set(tasks.auxiliary)
+# What an architecture needs beyond the default case (nyud semseg + depth main, normals + edge auxiliary, 32 px):
+# a registered architecture without an entry here is tested on the default case, so registering it tests it.
+ARCH_CASES = {
+    "single_task": dict(tasks=TaskSet("nyud", ("depth",))),
+    "branched": dict(options=dict(branching=[[["semseg", "depth", "normals", "edge"]], [["semseg", "depth"], ["normals", "edge"]],
+                                             [["semseg"], ["depth"], ["normals", "edge"]], [["semseg"], ["depth"], ["normals"], ["edge"]]])),
+}
+# the encoder-focused and single-tasking architectures: auxiliary tasks supervise one initial prediction
+INITIAL_IS_AUXILIARY = {"astmt", "cross_stitch", "nddr", "mtan"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch", architecture_names())
+def test_every_registered_architecture_builds_runs_and_backpropagates(arch):
+    """Every entry of the ARCHITECTURES registry on a tiny input: outputs of every task at input size, finite,
+    every parameter gets a finite gradient (32 px keeps the per-task backbones / passes cheap)."""
+    case = ARCH_CASES.get(arch, {})
+    tasks = case.get("tasks", TASK_SETS["nyud_aux"])
+    out = _check(build_model(arch, tasks=tasks, **TINY, **case.get("options", {})), tasks, H=32, W=32)
+    assert all(set(group) <= set(tasks.all) for group in out["initial"])
+    if arch in INITIAL_IS_AUXILIARY:
+        assert len(out["initial"]) == 1 and set(out["initial"][0]) == set(tasks.auxiliary)
 
 
 @pytest.mark.parametrize("task", ["semseg", "human_parts", "sal", "normals", "edge"])
@@ -115,3 +134,16 @@ def test_depth_output_starts_at_the_prior(arch):
             assert abs(group[t].mean().item()) < 1.0  # other tasks keep PyTorch's init
     with pytest.raises(ValueError, match="no prediction layer for task 'human_parts'"):
         init_output_bias(model, "human_parts", 1.0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+def test_every_registered_backbone_carries_the_mtl_encoder(backbone):
+    """Every entry of the BACKBONES registry under the shared MTL encoder: the FPN is built on the channels the
+    backbone declares (``feature_channels``) and gives 4 maps at the declared strides (tests/test_backbones.py
+    checks the declared channels against the feature maps and the gradients of every registered backbone)."""
+    encoder = build_encoder(backbone=backbone, fpn_channels=8).eval()
+    with torch.no_grad():
+        maps = encoder(torch.randn(1, 3, 64, 64))
+    assert encoder.channels == [8] * 4
+    assert [tuple(m.shape) for m in maps] == [(1, 8, 64 // s, 64 // s) for s in encoder.backbone.feature_strides]

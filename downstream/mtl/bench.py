@@ -19,7 +19,7 @@ from selfsup.device import sync_device
 
 from .losses import MultiTaskLoss
 from .models import build_model
-from .tasks import TaskSet, loss_weights
+from .tasks import TASKS, TaskSet, loss_weights
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,12 @@ def synthetic_batch(tasks: TaskSet, batch_size: int, size, device: torch.device,
     H, W = size
     targets = {}
     for t in tasks.all:
-        if t in ("semseg", "human_parts"):
+        kind = TASKS[t].kind
+        if kind == "classes":
             targets[t] = torch.randint(0, tasks.num_outputs(t), (batch_size, H, W), generator=g)
-        elif t == "normals":
+        elif kind == "normals":
             targets[t] = torch.nn.functional.normalize(torch.randn(batch_size, 3, H, W, generator=g), dim=1)
-        elif t == "depth":
+        elif kind == "depth":
             targets[t] = torch.rand(batch_size, 1, H, W, generator=g) * 10
         else:
             targets[t] = (torch.rand(batch_size, 1, H, W, generator=g) > 0.9).float()

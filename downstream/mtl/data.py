@@ -1,4 +1,4 @@
-"""Datasets and loaders for multi-task finetuning (readers and transforms live in ``selfsup.data``)."""
+"""Datasets and loaders for multi-task finetuning (readers and transforms live in ``downstream.datasets``)."""
 from __future__ import annotations
 
 import math

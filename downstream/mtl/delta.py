@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, Mapping, Sequence, Union
 
-from .tasks import LOWER_IS_BETTER, MAIN_METRIC
+from .tasks import TASKS
 
 
 class MissingSingleTaskResults(RuntimeError):
@@ -34,12 +34,12 @@ def delta_mtl(results: Mapping[str, Mapping[str, float]], single_task: Mapping[s
             f"task with the same --single-task-results file first, e.g. --config configs/<dataset>/single_task_{missing[0]}.yaml")
     total = 0.0
     for t in tasks:
-        metric = MAIN_METRIC[t]
+        metric = TASKS[t].metric
         ours, ref = float(results[t][metric]), float(single_task[t][metric])
         if ref == 0:
             raise UndefinedDelta(f"Δ_MTL is undefined: the single-task {t} {metric} is 0 (a relative gain needs a "
                                  f"non-zero reference; train the single-task model longer)")
-        sign = -1.0 if LOWER_IS_BETTER[t] else 1.0
+        sign = -1.0 if TASKS[t].lower_is_better else 1.0
         total += sign * (ours - ref) / ref
     return 100.0 * total / len(tasks)
 

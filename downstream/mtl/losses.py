@@ -1,4 +1,5 @@
 """Task losses (pure functions of tensors) and the fixed-weight multi-task loss with deep supervision.
+Which loss a task uses is a fact of its record (``tasks.TASKS``).
 
 All predictions arrive at the label resolution. Conventions of the labels (as the datasets return them):
 semseg / human_parts int64 [B,H,W] with 255 = ignore; sal / edge float [B,1,H,W] in {0,1} (255 = ignore);
@@ -6,13 +7,13 @@ normals float [B,3,H,W], all-zero = invalid; depth float [B,1,H,W], 0 = invalid.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-IGNORE_INDEX = 255
+from selfsup.data.labels import IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -55,22 +56,14 @@ def depth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.abs(pred.float() - target) * valid).sum() / valid.sum().clamp(min=1)
 
 
-TASK_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "semseg": cross_entropy,
-    "human_parts": cross_entropy,
-    "sal": lambda p, t: balanced_bce(p, t, pos_weight=None),
-    "edge": lambda p, t: balanced_bce(p, t, pos_weight=0.95),
-    "normals": normals_l1,
-    "depth": depth_l1,
-}
-
-
 def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if task not in TASK_LOSSES:
-        raise KeyError(f"no loss for task {task!r}; known: {', '.join(TASK_LOSSES)}")
+    """The loss of ``task`` (its record's ``loss``), the prediction resized to the label first if needed."""
+    from .tasks import task_record  # the record names each task's loss function (it imports this module)
+
+    loss = task_record(task, what="loss").loss
     if pred.shape[-2:] != target.shape[-2:]:
         pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    return TASK_LOSSES[task](pred, target)
+    return loss(pred, target)
 
 
 def extra_losses(outputs: Mapping[str, object], task_total: torch.Tensor) -> Dict[str, torch.Tensor]:

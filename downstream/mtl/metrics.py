@@ -11,6 +11,7 @@ Every meter has ``update(pred, target)`` for one image and ``compute() -> dict``
   depth:   rmse over all valid pixels of the set, log-RMSE, abs-rel, δ < 1.25^k;
   edge:    ODS F-measure (see edge_metric.py).
 Predictions are post-processed model outputs (see ``postprocess``): class ids, probabilities, unit vectors, metres.
+Which meter and post-processing a task uses is a fact of its record (``tasks.TASKS``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 
 from frozen.miou import IGNORE_INDEX, SegmentationMeter  # noqa: F401  (the frozen evaluations' meter)
 
-from .edge_metric import EdgeMeter
+from .edge_metric import EdgeMeter  # noqa: F401  (the edge task's meter)
 
 
 class SaliencyMeter:
@@ -116,28 +117,16 @@ class DepthMeter:
 
 
 def build_meter(task: str, *, num_outputs: int, edge_thresholds: int = 99, edge_tolerance: float = 0.0075):
-    if task in ("semseg", "human_parts"):
-        return SegmentationMeter(num_outputs)
-    if task == "sal":
-        return SaliencyMeter()
-    if task == "normals":
-        return NormalsMeter()
-    if task == "depth":
-        return DepthMeter()
-    if task == "edge":
-        return EdgeMeter(num_thresholds=edge_thresholds, tolerance=edge_tolerance)
-    raise KeyError(f"no metric for task {task!r}")
+    """The meter of ``task`` (its record's ``meter``)."""
+    from .tasks import task_record  # the record names each task's meter (it imports this module)
+
+    return task_record(task, what="metric").meter(num_outputs=num_outputs, edge_thresholds=edge_thresholds,
+                                                  edge_tolerance=edge_tolerance)
 
 
 def postprocess(task: str, output: torch.Tensor) -> torch.Tensor:
-    """Raw network output [B,c,H,W] -> what the meters take: class ids [B,H,W], probabilities, unit normals, depth."""
-    output = output.float()
-    if task in ("semseg", "human_parts"):
-        return output.argmax(dim=1)
-    if task in ("sal", "edge"):
-        return torch.sigmoid(output)
-    if task == "normals":
-        return F.normalize(output, dim=1)
-    if task == "depth":
-        return output.clamp(min=0)
-    raise KeyError(f"no post-processing for task {task!r}")
+    """Raw network output [B,c,H,W] -> what the meters take: class ids [B,H,W], probabilities, unit normals, depth
+    (by the record's label kind)."""
+    from .tasks import task_record
+
+    return task_record(task, what="post-processing").postprocess(output)

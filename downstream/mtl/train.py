@@ -36,7 +36,7 @@ from .engine import evaluate, train_one_epoch
 from .flops import format_report, model_cost, relative_report
 from .losses import MultiTaskLoss
 from .models import build_model, init_output_bias
-from .tasks import TaskSet, loss_weights
+from .tasks import TASKS, TaskSet, loss_weights
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +304,4 @@ def _results(cfg: MTLConfig, tasks: TaskSet, metrics: Dict[str, Dict[str, float]
 
 
 def _summary(metrics: Dict[str, Dict[str, float]]) -> str:
-    from .tasks import MAIN_METRIC
-
-    return ", ".join(f"{t} {MAIN_METRIC[t]} {v[MAIN_METRIC[t]]:.4g}" for t, v in metrics.items())
+    return ", ".join(f"{t} {TASKS[t].metric} {v[TASKS[t].metric]:.4g}" for t, v in metrics.items())

@@ -9,17 +9,20 @@ import torch
 from selfsup.data.labels import colourise
 from downstream.datasets.mt_transforms import IMAGENET_MEAN, IMAGENET_STD
 
+from .tasks import task_record
+
 
 def render_map(task: str, value: torch.Tensor) -> np.ndarray:
     """A post-processed prediction or a label of one image -> HWC uint8."""
     v = value.detach().float().cpu()
-    if task in ("semseg", "human_parts"):
+    kind = task_record(task, what="rendering").kind
+    if kind == "classes":
         return colourise(v.reshape(v.shape[-2:]).numpy().astype(np.int64))
-    if task == "normals":
+    if kind == "normals":
         rgb = ((v.reshape(3, *v.shape[-2:]) + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
         return (rgb * 255).astype(np.uint8)
     grey = v.reshape(v.shape[-2:])
-    if task == "depth":
+    if kind == "depth":
         grey = grey / grey.max().clamp(min=1e-6)
     grey = (grey.clamp(0, 1) * 255).numpy().astype(np.uint8)  # 255 = ignore shows white
     return np.repeat(grey[..., None], 3, axis=-1)
