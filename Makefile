@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# pytest-xdist workers of `make test` (one core each; tests/conftest.py groups tests that share fixtures)
+# pytest-xdist workers of `make test` (one core each; whole files per worker: tests/conftest.py, SHARED_FILES)
 TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
@@ -24,7 +24,7 @@ demo: setup
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 test: setup
-	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

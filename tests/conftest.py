@@ -22,23 +22,27 @@ torch.set_num_threads(1 if XDIST_WORKER else 2)
 SHARED_SESSION_FIXTURES = ("objects_moco_run",)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Groups for `--dist loadgroup`: the tests of one file stay on one worker (module fixtures are built once);
-    the users of a shared session fixture, and the SLURM tests (one cluster), form one group each. Those groups
-    run first, as they are the longest: the other worker takes the rest meanwhile."""
-    def group(item) -> str:
-        for name in SHARED_SESSION_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                return name
-        if item.get_closest_marker("slurm"):
-            return "slurm"
-        return item.nodeid.split("::")[0]
+# `make test` distributes whole files (--dist loadfile): the users of a session fixture that must be built once
+# per session, and the tests on the one local SLURM cluster, each live in one file; those files run first, as
+# they are the longest, while the other worker takes the rest.
+SHARED_FILES = {"objects_moco_run": "tests/test_demo.py", "slurm": "tests/test_slurm.py"}
 
-    first = set(SHARED_SESSION_FIXTURES) | {"slurm"}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: group(item) not in first)  # stable: file order kept within each part
+
+def _shared(item) -> str:
+    for name in SHARED_SESSION_FIXTURES:
+        if name in getattr(item, "fixturenames", ()):
+            return name
+    return "slurm" if item.get_closest_marker("slurm") else ""
+
+
+def pytest_collection_modifyitems(config, items):
+    misplaced = [f"{item.nodeid} (belongs in {SHARED_FILES[_shared(item)]})" for item in items
+                 if _shared(item) and item.nodeid.split("::")[0] != SHARED_FILES[_shared(item)]]
+    if misplaced:
+        raise pytest.UsageError("tests of a shared session resource outside its file (tests/conftest.py, "
+                                "SHARED_FILES): " + ", ".join(misplaced))
+    first = set(SHARED_FILES.values())
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in first)  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="session")

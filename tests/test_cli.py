@@ -304,24 +304,3 @@ def test_slurm_flag_on_an_evaluation_goes_through_the_launcher(tmp_path, embedde
         run = out / f"retrieval.kmeans_seed={seed}"
         assert load_config(retrieval.RetrievalConfig, yaml_path=run / "config.yaml").retrieval.kmeans_seed == seed
         assert (run / "results.json").is_file()
-
-
-@pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_retrieval_on_the_local_slurm_cluster(tmp_path, embedded_root, slurm_cluster):
-    """segment_retrieval.py --slurm on the real local cluster (conftest.py's session fixture)."""
-    conf = slurm_cluster
-    out = tmp_path / "ret"
-    cmd = [PYTHON, str(REPO / "downstream" / "segment_retrieval.py"), "--slurm", "--cpus-per-task", "1",
-           "--timeout-min", "10", "--weights", "none", "--backbone", "resnet_tiny", "--output-dir", str(out),
-           "data.max_images=2", "figure=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**run_env(), "SLURM_CONF": conf})
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    import time
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "results.json").is_file():
-        time.sleep(1)
-    logs = "\n".join(p.read_text()[-2000:] for p in (out / "slurm").glob("*.err")) if (out / "slurm").is_dir() else ""
-    assert (out / "results.json").is_file(), logs
-    assert json.loads((out / "results.json").read_text())["images"] == 4

@@ -277,15 +277,3 @@ def test_pretraining_on_the_embedded_object_images(embedded_root):
     assert all(Path(f).parts[-3] == "train" and Path(f).parents[3].name.startswith("objects-") for f in files)
     first = sorted(files)[0]
     assert Path(first).read_bytes() == (train / Path(first).relative_to(Path(first).parents[1])).read_bytes()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1000)  # 267-309 s on an idle 2-core machine (the shared objects_moco_run fixture, data included)
-def test_moco_learns_on_the_object_images(objects_moco_run):
-    """End to end, no part mocked: configs/pretrain/demo_objects.yaml at crop scale 0.2 for 30 epochs (900 steps,
-    ~2.5 min on two cores) lifts the kNN monitor clearly above its random-init value (measured: 22.9% -> 27.2%,
-    27.8% at best).
-    Catches a MoCo that runs but no longer learns (a wrong sign, a stale queue, a key encoder that never moves)."""
-    knn = objects_moco_run["knn"]
-    assert len(knn) == 7  # at init and every 5 epochs
-    assert knn[-1] >= knn[0] + 3.0 and max(knn) >= knn[0] + 4.0, knn

@@ -19,7 +19,7 @@ import pytest
 
 from selfsup import launcher
 
-from conftest import CLUSTER, CLUSTER_INFO  # the session fixture slurm_cluster lives in conftest.py
+from conftest import CLUSTER, CLUSTER_INFO, PYTHON, run_env  # the session fixture slurm_cluster is in conftest.py
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "slurm"))
@@ -372,3 +372,23 @@ def test_dead_host_fails_clearly_and_keeps_the_checkpoint(two_hosts, embedded_ro
     assert ckpt["global_step"] >= 2
     cfg = load_config(PretrainConfig, yaml_path=out / "config.yaml", overrides=[f"output_dir={out}"])
     build_model(cfg, torch.device("cpu")).load_state_dict(ckpt["model"])
+
+
+@pytest.mark.timeout(300)
+def test_retrieval_on_the_local_slurm_cluster(tmp_path, embedded_root, slurm_cluster):
+    """segment_retrieval.py --slurm on the real local cluster (conftest.py's session fixture)."""
+    conf = slurm_cluster
+    out = tmp_path / "ret"
+    cmd = [PYTHON, str(REPO / "downstream" / "segment_retrieval.py"), "--slurm", "--cpus-per-task", "1",
+           "--timeout-min", "10", "--weights", "none", "--backbone", "resnet_tiny", "--output-dir", str(out),
+           "data.max_images=2", "figure=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**run_env(), "SLURM_CONF": conf})
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    import time
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "results.json").is_file():
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-2000:] for p in (out / "slurm").glob("*.err")) if (out / "slurm").is_dir() else ""
+    assert (out / "results.json").is_file(), logs
+    assert json.loads((out / "results.json").read_text())["images"] == 4
