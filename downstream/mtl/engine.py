@@ -72,31 +72,33 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
     balancer = balancer if balancer is not None else Fixed(list(tasks))
     num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
-    for i, batch in enumerate(loader):
-        if i >= num_iters:
-            break
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = to_device(batch["image"], device, channels_last)
-        targets = targets_of(batch, list(tasks), device)
-        optimizer.zero_grad(set_to_none=True)
-        total, terms = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=step, epoch=epoch,
-                                     device=device, amp=amp)
-        guard.update(total, f"step {step}")
-        optimizer.step()
-        step += 1
-        bar.update()
-        if guard.due(step):
-            guard.check()
-        if step % log_every == 0 or i == num_iters - 1:
-            loss_value = float(total.detach())
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()},
-                                **{f"balancer/{t}": w for t, w in balancer.weights().items()}}, step, prefix="train/")
-    guard.check(model.parameters())
-    bar.close()
+    try:
+        for i, batch in enumerate(loader):
+            if i >= num_iters:
+                break
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            images = to_device(batch["image"], device, channels_last)
+            targets = targets_of(batch, list(tasks), device)
+            optimizer.zero_grad(set_to_none=True)
+            total, terms = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=step, epoch=epoch,
+                                         device=device, amp=amp)
+            guard.update(total, f"step {step}")
+            optimizer.step()
+            step += 1
+            bar.update()
+            if guard.due(step):
+                guard.check()
+            if step % log_every == 0 or i == num_iters - 1:
+                loss_value = float(total.detach())
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+                if writer is not None:
+                    writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()},
+                                    **{f"balancer/{t}": w for t, w in balancer.weights().items()}}, step, prefix="train/")
+        guard.check(model.parameters())
+    finally:
+        bar.close()  # (also on an error: its line is cleared before the one-line message)
     return step
 
 

@@ -90,47 +90,49 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
     progress = tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
                     disable=not writer.enabled, dynamic_ncols=True, leave=False)
     end = time.perf_counter()
-    for views in loader:
-        start = time.perf_counter()
-        data_time += start - end
-        lr = lr_at(state.global_step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out, (keys, backbone_keys) = model(views, momentum=cfg.moco.momentum, use_knn=use_knn,
-                                               generator=generator, query_encoder=query_encoder)
-        loss = out["loss"]
-        loss_value = all_gather(loss.detach().reshape(1)).mean()
-        guard.update(loss_value, f"epoch {state.epoch}, step {state.step_in_epoch} (global step {state.global_step})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.enqueue(keys, backbone_keys)  # after the loss: this step's keys are not its own negatives
-        total_loss += loss_value.detach()
-        count += 1
-        images_seen += views[0].shape[0] * get_world_size()
-        end = time.perf_counter()
-        compute_time += end - start
-        state.step_in_epoch += 1
-        state.global_step += 1
-        progress.update(1)
-        if guard.due(state.global_step):
-            guard.check(where=where)
-        if state.global_step % cfg.train.log_every_steps == 0:
-            elapsed = data_time + compute_time
-            scalars = {k: v.item() for k, v in out.items()}
-            scalars.update(lr=lr, queue_fill=min(1.0, model.num_enqueued.item() / model.queue_size),
-                           images_per_s=images_seen / max(elapsed, 1e-9), data_time_fraction=data_time / max(elapsed, 1e-9))
-            writer.scalars(scalars, state.global_step, prefix="train/")
-            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}", **(status or {}))
-            data_time = compute_time = 0.0
-            images_seen = 0
-        epoch_done = state.step_in_epoch >= steps
-        on_step_end(state)  # checkpoints; rolls the state over to the next epoch
-        if epoch_done:
-            break
-    progress.close()
+    try:
+        for views in loader:
+            start = time.perf_counter()
+            data_time += start - end
+            lr = lr_at(state.global_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                out, (keys, backbone_keys) = model(views, momentum=cfg.moco.momentum, use_knn=use_knn,
+                                                   generator=generator, query_encoder=query_encoder)
+            loss = out["loss"]
+            loss_value = all_gather(loss.detach().reshape(1)).mean()
+            guard.update(loss_value, f"epoch {state.epoch}, step {state.step_in_epoch} (global step {state.global_step})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.enqueue(keys, backbone_keys)  # after the loss: this step's keys are not its own negatives
+            total_loss += loss_value.detach()
+            count += 1
+            images_seen += views[0].shape[0] * get_world_size()
+            end = time.perf_counter()
+            compute_time += end - start
+            state.step_in_epoch += 1
+            state.global_step += 1
+            progress.update(1)
+            if guard.due(state.global_step):
+                guard.check(where=where)
+            if state.global_step % cfg.train.log_every_steps == 0:
+                elapsed = data_time + compute_time
+                scalars = {k: v.item() for k, v in out.items()}
+                scalars.update(lr=lr, queue_fill=min(1.0, model.num_enqueued.item() / model.queue_size),
+                               images_per_s=images_seen / max(elapsed, 1e-9), data_time_fraction=data_time / max(elapsed, 1e-9))
+                writer.scalars(scalars, state.global_step, prefix="train/")
+                progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}", **(status or {}))
+                data_time = compute_time = 0.0
+                images_seen = 0
+            epoch_done = state.step_in_epoch >= steps
+            on_step_end(state)  # checkpoints; rolls the state over to the next epoch
+            if epoch_done:
+                break
+    finally:
+        progress.close()  # (also on an error: its line is cleared before the one-line message)
     return {"loss": total_loss.item() / max(count, 1)}
 
 
