@@ -15,6 +15,7 @@ import torch
 
 from conftest import PYTHON, REPO
 from selfsup import checkpoint as ckpt
+from selfsup.rundir import pid_alive
 from test_reliability import MTL_TINY, PRETRAIN, pretrain_main, write_images
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,3 +116,78 @@ def test_full_disk_in_finetuning_keeps_the_last_checkpoint(tmp_path, small_disk,
     assert_full_disk_line(one_line_error(proc), run / "checkpoint.pth", previous=True)
     state = torch.load(run / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 2
+
+
+# ---------------------------------------------------------------- kill -9, then an immediate rerun
+
+def children(pid):
+    out = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(stat))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def wait_for(predicate, proc, what, timeout=90):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_kill_9_with_loader_workers_then_an_immediate_rerun_resumes(tmp_path, caplog):
+    """The main process of a run whose loader has 2 workers is killed (SIGKILL) right after a checkpoint; the
+    workers outlive it for seconds. The rerun started at once takes the dir over (a log line naming the dead
+    pid) and resumes from the checkpoint, instead of 'in use by another run (pid <the dead pid>)'."""
+    run, images = tmp_path / "run", write_images(tmp_path / "images")
+    proc = subprocess.Popen([PYTHON, str(REPO / "launch" / "pretrain.py"), "--data", str(images), *PRETRAIN,
+                             "train.epochs=50", "data.num_workers=2", "--output-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        wait_for(lambda: (run / "checkpoint.pth").is_file() and children(proc.pid), proc, "checkpoint and workers")
+        workers, inode = children(proc.pid), (run / ".lock").stat().st_ino
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert any(pid_alive(w) for w in workers)  # the fault: the loader workers outlive the killed process
+        step = torch.load(run / "checkpoint.pth", weights_only=True)["global_step"]
+        pretrain_main(run, "train.epochs=50", f"train.max_steps={step + 1}", images=images)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["global_step"] == step + 1  # resumed, not restarted
+    log = (run / "log_rank0.txt").read_text()
+    assert f"took over output_dir={run} from pid {proc.pid} on host {os.uname().nodename}, which is no longer running" \
+        in log
+    assert f"resumed from {run}/checkpoint.pth" in log
+    assert (run / ".lock").stat().st_ino == inode  # the lock was free: the workers did not hold it (no file swap)
+
+
+def test_a_dead_runs_lock_still_held_by_its_child_is_taken_over(tmp_path, caplog):
+    """The named holder died, but a process it forked still holds the lock file (a descriptor kept by anything
+    it started): the dir is taken over at once, with a log line (a live holder is still refused:
+    test_reliability.py::test_second_run_on_a_locked_dir_fails_at_once_naming_pid_and_host)."""
+    import logging
+    from selfsup.rundir import open_run_dir
+    run = tmp_path / "run"
+    code = ("import fcntl, os, socket, sys, time; os.mkdir(sys.argv[1]); fd = os.open(sys.argv[1] + '/.lock', "
+            "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "os.write(fd, f'pid {os.getpid()} on host {socket.gethostname()} since now'.encode())\n"
+            "child = os.fork()\nif child == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(child, flush=True)")
+    owner = subprocess.Popen([PYTHON, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, env=env())
+    orphan = int(owner.stdout.readline())
+    try:
+        owner.wait()
+        assert pid_alive(orphan)
+        with caplog.at_level(logging.WARNING, logger="selfsup.rundir"):
+            with open_run_dir(run, {}, harmless=()) as opened:
+                opened.log_changes()
+                assert f"pid {os.getpid()} " in (run / ".lock").read_text()
+        assert f"took over output_dir={run} from pid {owner.pid} on host" in caplog.text
+    finally:
+        os.kill(orphan, signal.SIGKILL)
