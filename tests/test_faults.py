@@ -191,3 +191,21 @@ def test_a_dead_runs_lock_still_held_by_its_child_is_taken_over(tmp_path, caplog
         assert f"took over output_dir={run} from pid {owner.pid} on host" in caplog.text
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- a rejected config writes nothing
+
+@pytest.mark.parametrize("bad", [["moco.queue_size=36"], ["optim.batch_size=16", "moco.queue_size=32"]])
+def test_rejected_pretraining_config_creates_no_run_dir(tmp_path, bad):
+    """A queue the batch does not divide, a batch larger than the data: no run dir, lock, log or config.yaml."""
+    with pytest.raises(SystemExit, match=r"^error: "):
+        pretrain_main(tmp_path / "runs" / "run", *bad, images=tmp_path / "images")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("bad", [["--weights", "{tmp}/missing.pth"], ["optim.optimizer=adamx"]])
+def test_rejected_finetuning_config_creates_no_run_dir(tmp_path, embedded_root, bad):
+    from downstream.finetune_mtl import main
+    with pytest.raises((SystemExit, ValueError), match=r"missing\.pth|adamx"):
+        main([str(a).format(tmp=tmp_path) for a in mtl_args(embedded_root, tmp_path / "runs" / "mtl", *bad)])
+    assert not (tmp_path / "runs").exists()

@@ -20,7 +20,7 @@ from torch import nn
 from selfsup.checkpoint import last_checkpoint, load_backbone_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import barrier, init_distributed
-from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.logs import ScalarWriter, setup_early_logging, setup_logging
 from selfsup.rundir import open_run_dir
 from selfsup.schedule import poly_lr
 
@@ -164,17 +164,10 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     balancer = build_balancer(cfg.optim.balancer, tasks=tasks.main, args=cfg.optim.balancer_args)  # fail early
     _check_single_task_reference(cfg, tasks)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=resolve_crop_size(cfg.data)))
-    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
-    run = open_run_dir(out, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
-        if env.is_main else None
-    setup_logging(out, rank=env.rank)
-    if run is not None:
-        run.log_changes()
-        save_config(cfg, out / "config.yaml")
+    # everything that can reject the config or the inputs runs before anything is written into the run dir
+    setup_early_logging(rank=env.rank)
     report = model_report(cfg)
     logger.info("model: %s", format_report(report))
-    if env.is_main:
-        (out / "model_report.json").write_text(json.dumps(report, indent=2))
 
     model = model_from_config(cfg)
     if cfg.model.weights.lower() != "none":  # models with several backbone copies load them all themselves
@@ -206,6 +199,16 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     iters = len(train_loader) if not cfg.max_iters_per_epoch else min(cfg.max_iters_per_epoch, len(train_loader))
     total_steps = cfg.epochs * iters
     lr_at = lambda step: poly_lr(step, total_steps=total_steps, base_lr=cfg.optim.lr, power=cfg.optim.poly_power)  # noqa: E731
+
+    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
+    run = open_run_dir(out, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
+        if env.is_main else None
+    setup_logging(out, rank=env.rank)
+    if run is not None:
+        run.log_changes()
+        save_config(cfg, out / "config.yaml")
+        (out / "model_report.json").write_text(json.dumps(report, indent=2))
+    resume = last_checkpoint(out)  # (again under the lock)
 
     start_epoch, step = 0, 0
     if resume is not None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from selfsup import checkpoint as ckpt
 from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import all_gather, get_world_size, init_distributed
-from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.logs import ScalarWriter, setup_early_logging, setup_logging
 from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig, knn_warmup_epochs
 from selfsup.moco.model import MoCo
 from selfsup.nan_guard import NonFiniteGuard
@@ -146,13 +146,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.output_dir)
-    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
-    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
-        if env.is_main else None
-    setup_logging(run_dir, rank=env.rank)
-    if run is not None:
-        run.log_changes()
-        save_config(cfg, run_dir / "config.yaml")
+    setup_early_logging(rank=env.rank)  # nothing is written into run_dir before the config and data are checked
     torch.manual_seed(cfg.train.seed)
     global_batch = cfg.optim.batch_size
     if global_batch % env.world_size:
@@ -172,6 +166,13 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     loader = build_loader(cfg, env, device)
     steps = len(loader) if cfg.train.steps_per_epoch <= 0 else min(len(loader), cfg.train.steps_per_epoch)
     total_steps = steps * cfg.train.epochs
+    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
+    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
+        if env.is_main else None
+    setup_logging(run_dir, rank=env.rank)
+    if run is not None:
+        run.log_changes()
+        save_config(cfg, run_dir / "config.yaml")
 
     def lr_at(step: int) -> float:
         return cosine_lr(step, total_steps=total_steps, base_lr=base_lr, warmup_steps=cfg.optim.warmup_epochs * steps)
