@@ -18,7 +18,7 @@ from selfsup import checkpoint as ckpt
 from selfsup.rundir import pid_alive
 from test_reliability import MTL_TINY, PRETRAIN, pretrain_main, write_images
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # (setup included: embedded data, the reference runs)
 
 
 def env():
@@ -209,3 +209,139 @@ def test_rejected_finetuning_config_creates_no_run_dir(tmp_path, embedded_root, 
     with pytest.raises((SystemExit, ValueError), match=r"missing\.pth|adamx"):
         main([str(a).format(tmp=tmp_path) for a in mtl_args(embedded_root, tmp_path / "runs" / "mtl", *bad)])
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- mid-epoch checkpoints and preemption
+
+MTL_MID = ["epochs=2", "max_iters_per_epoch=3", "checkpoint_every_steps=0"]  # 3 steps per epoch, 6 in all
+PRETRAIN_MID = ["train.epochs=2", "train.steps_per_epoch=4"]  # with 32 images: 4 steps per epoch, 8 in all
+
+
+def same_threads_env():
+    """The interrupted half runs in a subprocess, the reference and the resumed half here: same thread count."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def assert_same_state(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+
+
+def assert_same_run(a, b, keys):
+    a, b = (torch.load(p / "checkpoint.pth", weights_only=True) for p in (a, b))
+    for key in keys:
+        assert_same_state(a[key], b[key], key)
+
+
+@pytest.fixture(scope="module")
+def mtl_reference(tmp_path_factory, embedded_root):
+    from downstream.finetune_mtl import main
+    out = tmp_path_factory.mktemp("mtl_reference") / "run"
+    main([str(a) for a in mtl_args(embedded_root, out, *MTL_MID)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrain_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain_reference")
+    images = write_images(tmp / "images", n=32)
+    pretrain_main(tmp / "run", *PRETRAIN_MID, images=images)
+    return tmp / "run", images
+
+
+def start(script, *args):
+    return subprocess.Popen([PYTHON, str(REPO / script), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=same_threads_env())
+
+
+def wait_for_stderr(proc, text, timeout=120):
+    """Read the process's stderr (progress bars) until ``text`` appears; return what was read."""
+    import select
+    seen, deadline = b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")[-2000:]
+        if select.select([proc.stderr], [], [], 0.5)[0]:
+            seen += os.read(proc.stderr.fileno(), 65536)
+    return seen
+
+
+def test_finetuning_killed_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, embedded_root, mtl_reference):
+    """checkpoint_every_steps=1: kill -9 once the first mid-epoch checkpoint is written; the same command again
+    resumes inside the epoch and ends with every model, optimizer and balancer tensor equal to the uninterrupted
+    run's (the data order and draws are a function of seed, epoch and index; the RNG state is restored once the
+    epoch's loader iterator exists)."""
+    from downstream.finetune_mtl import main
+    run = tmp_path / "run"
+    args = mtl_args(embedded_root, run, *MTL_MID, "checkpoint_every_steps=1")
+    proc = start("downstream/finetune_mtl.py", *args)
+    try:
+        wait_for(lambda: (run / "checkpoint.pth").is_file(), proc, "a mid-epoch checkpoint")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert killed["epoch"] == 0 and 0 < killed["step_in_epoch"] < 3 and killed["step"] == killed["step_in_epoch"]
+    main([str(a) for a in args])  # the same command again
+    assert f"at epoch 0, after {killed['step_in_epoch']} of its 3 steps" in (run / "log_rank0.txt").read_text()
+    assert_same_run(mtl_reference, run, ["model", "optimizer", "balancer", "step", "epoch"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_finetuning_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly(tmp_path, embedded_root,
+                                                                                 mtl_reference, sig):
+    """SIGTERM / SIGUSR1 mid-epoch (no periodic checkpoint: checkpoint_every_steps=0): the run writes a checkpoint
+    at the current step, exits 75 with one line naming the signal, the step and the checkpoint; rerun, it ends
+    equal to the uninterrupted run."""
+    from downstream.finetune_mtl import main
+    run = tmp_path / "run"
+    args = mtl_args(embedded_root, run, *MTL_MID, "progress=true")
+    proc = start("downstream/finetune_mtl.py", *args)
+    try:
+        wait_for_stderr(proc, "1/3")  # the progress bar: one step of epoch 0 done
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    line = err.decode().strip().splitlines()[-1]
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert proc.returncode == 75 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert line == (f"preempted by {sig.name} at epoch 0, step {state['step_in_epoch']} of 3 (global step "
+                    f"{state['step']}): checkpoint saved to {run}/checkpoint.pth; run the same command again to "
+                    f"resume from this step (exit code 75)"), line
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3
+    main([str(a) for a in args])
+    assert_same_run(mtl_reference, run, ["model", "optimizer", "balancer", "step", "epoch"])
+
+
+def test_pretraining_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly(tmp_path, pretrain_reference):
+    """The same for pretraining (SIGTERM; train.checkpoint_every_steps=1000 never falls in this run)."""
+    reference, images = pretrain_reference
+    run = tmp_path / "run"
+    proc = start("launch/pretrain.py", "--data", images, *PRETRAIN, *PRETRAIN_MID, "--output-dir", run)
+    try:
+        wait_for_stderr(proc, "1/4")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    line = err.decode().strip().splitlines()[-1]
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert proc.returncode == 75 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert line == (f"preempted by SIGTERM at epoch 0, step {state['step_in_epoch']} (global step "
+                    f"{state['global_step']}): checkpoint saved to {run}/checkpoint.pth; run the same command again "
+                    f"to resume from this step (exit code 75)"), line
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 4
+    pretrain_main(run, *PRETRAIN_MID, images=images)
+    assert_same_run(reference, run, ["model", "optimizer", "global_step", "epoch"])

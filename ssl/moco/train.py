@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from selfsup.logs import ScalarWriter, setup_early_logging, setup_logging
 from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig, knn_warmup_epochs
 from selfsup.moco.model import MoCo
 from selfsup.nan_guard import NonFiniteGuard
+from selfsup.preemption import PreemptionHandler
 from selfsup.rundir import open_run_dir
 from selfsup.schedule import cosine_lr
 
@@ -193,12 +195,19 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
         if env.is_main:
             ckpt.save_checkpoint(_checkpoint_state(cfg, model, optimizer, s), run_dir / ckpt.LAST)
 
+    preemption = PreemptionHandler()  # SIGTERM / SIGUSR1: checkpoint at this step, exit 75 (selfsup.preemption)
+
     def on_step_end(s: StepState) -> None:
         done_epoch = s.step_in_epoch >= steps
         if done_epoch:
             s.epoch, s.step_in_epoch = s.epoch + 1, 0
-        if done_epoch or s.global_step % cfg.train.checkpoint_every_steps == 0 or s.global_step == cfg.train.max_steps:
+        stop = preemption.should_stop(s.global_step, device, force=done_epoch)
+        if (done_epoch or stop or s.global_step % cfg.train.checkpoint_every_steps == 0
+                or s.global_step == cfg.train.max_steps):
             save(s)
+        if stop:
+            raise preemption.stop(f"epoch {s.epoch}, step {s.step_in_epoch} (global step {s.global_step})",
+                                  run_dir / ckpt.LAST, is_main=env.is_main)
         if cfg.train.max_steps and s.global_step >= cfg.train.max_steps:
             raise StopTraining
 
@@ -206,6 +215,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     if monitor is not None and state.global_step == 0:
         log_monitors(monitor, model.encoder_q.backbone, epoch=0, step=0, writer=writer, history=history)
     try:
+        preemption.__enter__()
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch
             loader.set_epoch(epoch, start_step=state.step_in_epoch)
@@ -221,6 +231,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     except StopTraining:
         logger.info("stopped after %d steps (train.max_steps); resume by running the same command", state.global_step)
     finally:
+        preemption.__exit__(*sys.exc_info())
         writer.close()
         if run is not None:
             run.close()
