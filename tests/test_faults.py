@@ -109,13 +109,14 @@ def test_full_disk_in_pretraining_and_export_keeps_the_last_checkpoint(tmp_path,
 def test_full_disk_in_finetuning_keeps_the_last_checkpoint(tmp_path, small_disk, embedded_root):
     from downstream.finetune_mtl import main
     run = small_disk / "mtl"
-    main([str(a) for a in mtl_args(embedded_root, run, "epochs=1")])
+    main([str(a) for a in mtl_args(embedded_root, run, "epochs=1", "max_iters_per_epoch=1")])
     size = (run / "checkpoint.pth").stat().st_size
     fill(small_disk, leave=size // 2)
-    proc = run_script("downstream/finetune_mtl.py", *mtl_args(embedded_root, run, "epochs=2"), "--allow-config-change")
+    proc = run_script("downstream/finetune_mtl.py", *mtl_args(embedded_root, run, "epochs=2", "max_iters_per_epoch=1"),
+                      "--allow-config-change")
     assert_full_disk_line(one_line_error(proc), run / "checkpoint.pth", previous=True)
     state = torch.load(run / "checkpoint.pth", weights_only=True)
-    assert state["epoch"] == 1 and state["step"] == 2
+    assert state["epoch"] == 1 and state["step"] == 1
 
 
 # ---------------------------------------------------------------- kill -9, then an immediate rerun
