@@ -44,28 +44,120 @@ class CheckpointSaveError(OSError):
 
 
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
-    """Atomically write ``state`` to ``path`` (a crash mid-save leaves the previous file intact)."""
+    """Atomically write ``state`` to ``path`` (a crash mid-save leaves the previous file intact).
+
+    A failed write (a full disk, a quota, an I/O error) raises :class:`CheckpointSaveError`: one line naming
+    ``path`` and the cause; the previous file at ``path`` is untouched and no temporary file is left."""
+    return atomic_write(path, lambda f: torch.save(dict(state), f), what="checkpoint",
+                        size_hint=_tensor_bytes(state))
+
+
+class _CheckedWriter:
+    """A binary file for ``torch.save``/``pickle.dump`` that writes every byte or raises the ``OSError`` of the
+    failing ``write(2)`` (and keeps it): ``torch.save`` reports a full disk as a short write, ``RuntimeError:
+    [enforce fail at inline_container.cc] unexpected pos``, which loses the errno that tells a full disk apart."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.written = fd, 0
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                n = os.write(self.fd, view[done:])
+            except OSError as err:
+                self.error = self.error or err
+                raise
+            if n == 0:  # a zero-byte write: no progress possible
+                self.error = self.error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise self.error
+            done += n
+        self.written += done
+        return done
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def atomic_write(path: PathLike, write: Any, *, what: str = "checkpoint", size_hint: int = 0) -> Path:
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename onto ``path``; on failure remove the
+    temporary file and raise :class:`CheckpointSaveError` naming ``path`` and the cause (``no space left on
+    device`` from the failing write's errno, or from ``os.statvfs`` showing the file system full)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: Optional[str] = None
+    writer: Optional[_CheckedWriter] = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            writer = _CheckedWriter(fd)
+            write(writer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        tmp = None
     except BaseException as err:
-        if os.path.exists(tmp):
+        written = writer.written if writer is not None else 0
+        full = (_free_bytes(path.parent) or 0) < 64 * 1024  # (before the temporary file is removed)
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError) and not isinstance(err, CheckpointSaveError):
-            reason = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (
-                err.strerror or str(err))
-            kept = f"the previous checkpoint {path} is intact" if path.is_file() else "no previous checkpoint existed"
-            error = CheckpointSaveError(f"could not write checkpoint {path}: {reason}; {kept}")
-            error.errno = err.errno
-            raise error from err
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, CheckpointSaveError):
+            raise _save_error(path, err, writer.error if writer is not None else None, what=what, full=full,
+                              written=written, size_hint=size_hint) from err
         raise
     return path
+
+
+def _save_error(path: Path, err: BaseException, write_error: Optional[OSError], *, what: str, full: bool,
+                written: int, size_hint: int) -> CheckpointSaveError:
+    cause = write_error if write_error is not None else err
+    chain = cause
+    while chain is not None and not (isinstance(chain, OSError) and chain.errno):
+        chain = chain.__cause__ or chain.__context__
+    code = chain.errno if chain is not None else None
+    if code is None and full:  # no errno (e.g. torch's short write), but the file system was full
+        code = errno.ENOSPC
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        need, free = max(size_hint, written), _free_bytes(path.parent)
+        reason = ("no space left on device" if code == errno.ENOSPC else "disk quota exceeded") + (
+            f" in {path.parent} ({_mb(free)} free" + (f", the {what} needs about {_mb(need)})" if need else ")")
+            if free is not None else "")
+    elif isinstance(chain, OSError):
+        reason = chain.strerror or str(chain)
+    else:
+        reason = _first_line(cause)
+    kept = f"the previous {what} {path} is intact" if path.is_file() else f"no previous {what} existed"
+    error = CheckpointSaveError(f"could not write {what} {path}: {reason}; {kept}")
+    error.errno = code
+    return error
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _mb(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / 2 ** 20:.1f} MB"
+
+
+def _tensor_bytes(state: Any) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu", *,

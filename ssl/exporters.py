@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from selfsup.backbones import build_backbone
-from selfsup.checkpoint import (CheckpointError, backbone_state_dict, load_checkpoint, save_checkpoint,
+from selfsup.checkpoint import (CheckpointError, atomic_write, backbone_state_dict, load_checkpoint, save_checkpoint,
                                 state_dict_from_file)
 
 logger = logging.getLogger(__name__)
@@ -196,9 +196,7 @@ def export_backbone(checkpoint_path: Union[str, Path], *, fmt: str, out: Union[s
         save_checkpoint(to_moco(checkpoint, state, optimizer=_moco_optimizer(checkpoint, optimizer, checkpoint_path)),
                         out)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(to_detectron2(state), f)
-        tmp.replace(out)
+        weights = to_detectron2(state)
+        atomic_write(out, lambda f: pickle.dump(weights, f), what="checkpoint",
+                     size_hint=sum(a.nbytes for a in weights["model"].values()))
     return out

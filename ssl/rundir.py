@@ -5,9 +5,11 @@ anything into ``output_dir``:
 
 1. create the folder (an ``output_dir`` below a regular file is a :class:`ConfigError` naming both);
 2. take an exclusive ``fcntl.flock`` on ``<output_dir>/.lock`` and write the holder's pid and host into it.
-   A second run on the same folder fails at once naming that pid and host. The kernel drops the lock when
-   its holder dies (kill -9, node reboot, SLURM preemption), so a stale lock is reclaimed by the next run
-   and a requeued SLURM job simply continues;
+   A second run on the same folder fails at once naming that pid and host. The lock belongs to the process
+   that owns the run: forked children (data loader workers) close their inherited copy and exec'd ones never
+   get it (``O_CLOEXEC``), so the kernel drops the lock the moment that process dies (kill -9, node reboot,
+   preemption). A lock file still naming a dead process of this host is taken over at once, with a log line,
+   even if something that process started still holds the old file; a requeued SLURM job simply continues;
 3. remove temporary files of saves that were killed half-way (``.checkpoint.pth.*.tmp``);
 4. compare the new resolved config with the one in the checkpoint it would resume from
    (:func:`check_resume_config`): keys that change the trajectory or the model are an error listing each
@@ -20,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -44,13 +47,18 @@ class RunDir:
         self.path, self._fd, self.accepted_changes = path, fd, changes
 
     def log_changes(self) -> None:
-        """Log the accepted config changes (call once logging writes into the run dir)."""
+        """Log a takeover from a dead run and the accepted config changes (once logging writes into the run dir)."""
+        dead = _TAKEN_OVER.pop(str(self.path.resolve()), None)
+        if dead is not None:
+            logger.warning("took over output_dir=%s from %s, which is no longer running", self.path, dead)
         for key, old, new in self.accepted_changes:
             logger.info("config change on resume accepted: %s: %r -> %r", key, old, new)
 
     def close(self) -> None:
         if self._fd is not None:
             _HELD.pop(str(self.path.resolve()), None)
+            _TAKEN_OVER.pop(str(self.path.resolve()), None)
+            os.ftruncate(self._fd, 0)  # a run that ended names no holder (a killed one still does)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 
@@ -77,28 +85,114 @@ def make_run_dir(path: Union[str, Path]) -> Path:
 # run dirs this process holds (resolved path -> lock descriptor): the lock is per process, so a run that ended
 # with an exception in this process (a test, a notebook) can be started again here; other processes still wait
 _HELD: Dict[str, int] = {}
+# what open_run_dir took over from a dead run, per held path (logged by RunDir.log_changes)
+_TAKEN_OVER: Dict[str, str] = {}
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (data loader workers, pools): close the inherited lock descriptors.
+
+    A flock belongs to the open file description, which fork shares: a worker that kept the descriptor would
+    keep the run dir locked after the run's own process died (kill -9), until the worker noticed and exited.
+    Closing (never unlocking: that would release the parent's lock too) leaves the parent the only holder.
+    O_CLOEXEC does the same for exec'd children."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+    _TAKEN_OVER.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _holder(text: str) -> Tuple[Optional[int], str]:
+    """(pid, host) from a lock file's ``pid N on host H since ...``; (None, "") if unreadable."""
+    m = re.match(r"pid (\d+) on host (\S+)", text)
+    return (int(m.group(1)), m.group(2)) if m else (None, "")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (a zombie counts as dead: its locks are gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _dead_owner(text: str) -> Optional[str]:
+    """``pid N on host H`` when the lock text names a process of this host that is no longer running."""
+    pid, host = _holder(text)
+    if pid is None or host != socket.gethostname() or pid == os.getpid() or pid_alive(pid):
+        return None
+    return f"pid {pid} on host {host}"
+
+
+def _open_locked(lock: Path) -> Tuple[Optional[int], str]:
+    """Open ``lock`` and try to flock it: (fd, "") when locked and still the file at ``lock``, else (None,
+    the holder's text). A file replaced by a takeover while we waited is retried."""
+    for _ in range(10):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                return None, text
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, os.pread(fd, 512, 0).decode(errors="replace").strip()
+        os.close(fd)  # a takeover replaced the file after we opened it: lock the new one
+    raise RuntimeError(f"{lock}: the lock file keeps being replaced")
 
 
 def lock_run_dir(path: Path) -> int:
-    """Take the exclusive lock of run dir ``path``; return its descriptor (keep it open while writing)."""
+    """Take the exclusive lock of run dir ``path``; return its descriptor (keep it open while writing).
+
+    The lock is this process's alone: forked children close their copy (:func:`_drop_inherited_locks`),
+    exec'd ones never get it (``O_CLOEXEC``). A lock whose holder is a dead process of this host is taken over
+    at once (the file is replaced under ``.lock.takeover``; whatever still holds the old file holds nothing);
+    one held by a live process, or by one of another host, is :class:`RunDirLocked` naming it."""
     key = str(path.resolve())
     if key in _HELD:
         return _HELD[key]
     lock = path / LOCK_NAME
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise RunDirLocked(f"output_dir={path} is in use by another run ({holder}); wait for it to finish, "
-                               f"or use another --output-dir") from None
-        raise
+    fd, text = _open_locked(lock)
+    taken_from = _dead_owner(text) if fd is not None else None
+    if fd is None:
+        dead = _dead_owner(text)
+        if dead is not None:  # its process died, a process it had started still holds the file: replace the file
+            with open(path / (LOCK_NAME + ".takeover"), "a") as mutex:
+                fcntl.flock(mutex, fcntl.LOCK_EX)  # one taker at a time; released when the with block closes it
+                fd, text = _open_locked(lock)
+                if fd is None and _dead_owner(text) == dead:
+                    os.unlink(lock)
+                    fd, text = _open_locked(lock)
+                taken_from = dead if fd is not None else None
+        if fd is None:
+            raise RunDirLocked(f"output_dir={path} is in use by another run ({text or 'unknown process'}); wait for it "
+                               f"to finish, or use another --output-dir")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _HELD[key] = fd
+    if taken_from is not None:
+        _TAKEN_OVER[key] = taken_from
     return fd
 
 

@@ -73,21 +73,22 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
 
 class EpochSampler(Sampler):
     """``(epoch, index)`` keys of one epoch in an order that is a function of (seed, epoch) only, sharded over
-    ranks like DistributedSampler; nothing to save in a checkpoint, so a resumed run sees the same order."""
+    ranks like DistributedSampler; nothing to save in a checkpoint, so a resumed run sees the same order.
+    ``set_epoch(epoch, start=k)`` starts at the k-th key (a run resumed mid-epoch skips what it trained)."""
 
     def __init__(self, num_items: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         order = epoch_order(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
-        return iter([(self.epoch, int(i)) for i in order])
+        return iter([(self.epoch, int(i)) for i in order[self.start:]])
 
     def __len__(self) -> int:
-        return math.ceil(self.num_items / self.world_size)
+        return max(0, math.ceil(self.num_items / self.world_size) - self.start)
 
 
 class SeededSamples(Dataset):
@@ -112,11 +113,14 @@ def build_loaders(cfg: DataConfig, *, seed: int, distributed: bool) -> Tuple[Dat
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     sampler = EpochSampler(len(train), seed=seed, rank=rank, world_size=world_size)
     drop_last = len(sampler) >= cfg.batch_size  # tiny subsets still give one batch
+    # own generators: starting an iterator draws the workers' base seed, which must not come from (and advance)
+    # the global RNG, or a resumed run's dropout draws would differ from an uninterrupted run's
     train_loader = DataLoader(SeededSamples(train, seed), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.num_workers, collate_fn=collate_padded, drop_last=drop_last,
-                              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)
+                              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+                              generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
-                            collate_fn=collate_padded)
+                            collate_fn=collate_padded, generator=torch.Generator().manual_seed(seed))
     return train_loader, val_loader
 
 

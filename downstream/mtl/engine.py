@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from selfsup.checkpoint import set_rng_state
 from selfsup.logs import ScalarWriter
 from selfsup.nan_guard import NonFiniteGuard
 
@@ -58,8 +59,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
                     amp: bool = True, channels_last: bool = False, max_iters: int = 0,
                     writer: Optional[ScalarWriter] = None, log_every: int = 20, progress: bool = True,
                     nan_check_every: int = 50, balancer: Optional[Balancer] = None,
-                    shared: Optional[SharedParts] = None) -> int:
+                    shared: Optional[SharedParts] = None, start_iter: int = 0,
+                    rng: Optional[Mapping] = None,
+                    on_step: Optional[Callable[[int, int, Callable[[], None]], None]] = None) -> int:
     """One pass over ``loader`` (at most ``max_iters`` batches); returns the global step after it.
+
+    A run resumed mid-epoch passes ``start_iter`` (the batches of this epoch it already trained; the loader's
+    sampler skips them) and ``rng``, the checkpoint's RNG state, set once the loader's iterator exists.
+    ``on_step(step, batches_done, check_finite)`` runs after every optimizer step (mid-epoch checkpoints,
+    preemption); it calls ``check_finite()`` before it writes a checkpoint.
 
     ``balancer`` (default: fixed weights) weighs the per-task losses of the tasks it was built for (the main
     tasks); the other terms (auxiliary tasks, a model's extra losses) enter with their config weight as
@@ -70,33 +78,46 @@ def train_one_epoch(model: nn.Module, loader, criterion: MultiTaskLoss, optimize
     model.train()
     guard = NonFiniteGuard(nan_check_every)
     balancer = balancer if balancer is not None else Fixed(list(tasks))
-    num_iters = len(loader) if not max_iters else min(max_iters, len(loader))
-    bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
-    for i, batch in enumerate(loader):
-        if i >= num_iters:
-            break
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = to_device(batch["image"], device, channels_last)
-        targets = targets_of(batch, list(tasks), device)
-        optimizer.zero_grad(set_to_none=True)
-        total, terms = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=step, epoch=epoch,
-                                     device=device, amp=amp)
-        guard.update(total, f"step {step}")
-        optimizer.step()
-        step += 1
-        bar.update()
-        if guard.due(step):
-            guard.check()
-        if step % log_every == 0 or i == num_iters - 1:
-            loss_value = float(total.detach())
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()},
-                                **{f"balancer/{t}": w for t, w in balancer.weights().items()}}, step, prefix="train/")
-    guard.check(model.parameters())
-    bar.close()
+    full = len(loader) + start_iter
+    num_iters = full if not max_iters else min(max_iters, full)
+    bar = tqdm(total=num_iters, initial=start_iter, desc=f"epoch {epoch}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+
+    def check_finite() -> None:
+        guard.check(model.parameters())
+
+    try:
+        batches = iter(loader)
+        if rng is not None:
+            set_rng_state(rng)
+        for i, batch in enumerate(batches, start=start_iter):
+            if i >= num_iters:
+                break
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            images = to_device(batch["image"], device, channels_last)
+            targets = targets_of(batch, list(tasks), device)
+            optimizer.zero_grad(set_to_none=True)
+            total, terms = balanced_step(model, images, targets, criterion, balancer, shared=shared, step=step, epoch=epoch,
+                                         device=device, amp=amp)
+            guard.update(total, f"step {step}")
+            optimizer.step()
+            step += 1
+            bar.update()
+            if guard.due(step):
+                guard.check()
+            if step % log_every == 0 or i == num_iters - 1:
+                loss_value = float(total.detach())
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+                if writer is not None:
+                    writer.scalars({"loss": loss_value, "lr": lr, **{k: float(v) for k, v in terms.items()},
+                                    **{f"balancer/{t}": w for t, w in balancer.weights().items()}}, step, prefix="train/")
+            if on_step is not None:
+                on_step(step, i + 1, check_finite)
+        guard.check(model.parameters())
+    finally:
+        bar.close()  # (also on an error: its line is cleared before the one-line message)
     return step
 
 

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from selfsup.checkpoint import (CheckpointMismatchError, last_checkpoint, load_b
                                 set_rng_state)
 from selfsup.config import ConfigError, save_config, to_dict
 from selfsup.distributed import barrier, init_distributed
-from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.logs import ScalarWriter, setup_early_logging, setup_logging
+from selfsup.preemption import PreemptionHandler
 from selfsup.rundir import open_run_dir
 from selfsup.schedule import poly_lr
 
@@ -181,16 +182,10 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     balancer = build_balancer(cfg.optim.balancer, tasks=tasks.main, args=cfg.optim.balancer_args)  # fail early
     _check_single_task_reference(cfg, tasks)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=resolve_crop_size(cfg.data)))
-    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
-    run = open_run_dir(out, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
-        if env.is_main else None
-    setup_logging(out, rank=env.rank)
-    if run is not None:
-        run.log_changes()
+    # everything that can reject the config or the inputs runs before anything is written into the run dir
+    setup_early_logging(rank=env.rank)
     report = model_report(cfg)
     logger.info("model: %s", format_report(report))
-    if env.is_main:
-        (out / "model_report.json").write_text(json.dumps(report, indent=2))
 
     model = model_from_config(cfg)
     if cfg.model.weights.lower() != "none":  # models with several backbone copies load them all themselves
@@ -223,7 +218,16 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     total_steps = cfg.epochs * iters
     lr_at = lambda step: poly_lr(step, total_steps=total_steps, base_lr=cfg.optim.lr, power=cfg.optim.poly_power)  # noqa: E731
 
-    start_epoch, step = 0, 0
+    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
+    run = open_run_dir(out, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change) \
+        if env.is_main else None
+    setup_logging(out, rank=env.rank)
+    if run is not None:
+        run.log_changes()
+        (out / "model_report.json").write_text(json.dumps(report, indent=2))
+    resume = last_checkpoint(out)  # (again under the lock)
+
+    start_epoch, step, start_iter, resume_rng = 0, 0, 0, None
     if resume is not None:
         state = load_checkpoint(resume)
         load_model_state(net, state["model"], source=resume,
@@ -231,9 +235,13 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
         load_optimizer_state(optimizer, state["optimizer"], source=resume)
         if "balancer" in state:
             _resume_balancer(balancer, state, cfg, resume)
-        start_epoch, step = state["epoch"], state["step"]
-        set_rng_state(state["rng"])
-        logger.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
+        start_epoch, step, start_iter = state["epoch"], state["step"], state.get("step_in_epoch", 0)
+        if start_iter:  # mid-epoch: set once that epoch's loader iterator exists, as in the uninterrupted run
+            resume_rng = state["rng"]
+        else:
+            set_rng_state(state["rng"])
+        logger.info("resumed from %s at epoch %d%s (step %d)", resume, start_epoch,
+                    f", after {start_iter} of its {iters} steps" if start_iter else "", step)
 
     if run is not None:  # only once the checkpoint fits: a refused resume leaves the run's config.yaml as it was
         save_config(cfg, out / "config.yaml")
@@ -243,26 +251,59 @@ def run_finetune(cfg: MTLConfig) -> Dict[str, Any]:
     common = dict(tasks=tasks.main, num_outputs=tasks.channels(), device=device, amp=use_amp, channels_last=channels_last,
                   edge_thresholds=cfg.eval.edge_thresholds, edge_tolerance=cfg.eval.edge_tolerance, edge_ids=edge_ids,
                   progress=cfg.progress and env.is_main)
+    last = out / "checkpoint.pth"
+
+    def save(epoch: int, step: int, step_in_epoch: int) -> None:
+        """``epoch``: the epoch in progress (``step_in_epoch`` of its steps done), or the next one (0 done)."""
+        if env.is_main:
+            save_checkpoint({"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "arch": cfg.model.arch,
+                             "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                             "balancer": balancer.state_dict(), "config": to_dict(cfg), "rng": rng_state()}, last)
+
     start = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        step = train_one_epoch(forward_model, train_loader, criterion, optimizer, lr_at=lr_at, step=step, epoch=epoch,
-                               tasks=tasks.all, device=device, amp=use_amp, channels_last=channels_last,
-                               max_iters=cfg.max_iters_per_epoch, writer=writer, log_every=cfg.log_every,
-                               progress=cfg.progress and env.is_main, balancer=balancer, shared=shared)
-        if env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-            save_checkpoint({"epoch": epoch + 1, "step": step, "arch": cfg.model.arch, "model": net.state_dict(),
-                             "optimizer": optimizer.state_dict(), "balancer": balancer.state_dict(), "config": to_dict(cfg),
-                             "rng": rng_state()},
-                            out / "checkpoint.pth")
-        if env.is_main and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.epochs:
-            vis = cfg.vis_every and (epoch + 1) % cfg.vis_every == 0
-            metrics = evaluate(net, val_loader, writer=writer if vis else None, step=step, **common)
-            for t, values in metrics.items():
-                writer.scalars(values, step, prefix=f"val/{t}/")
-            logger.info("epoch %d: %s", epoch + 1, _summary(metrics))
-        barrier()
+    with PreemptionHandler() as preemption:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                if hasattr(train_loader.sampler, "set_epoch"):
+                    train_loader.sampler.set_epoch(epoch, start=start_iter * cfg.data.batch_size)
+
+                def on_step(s: int, done: int, check_finite: Callable[[], None], epoch: int = epoch) -> None:
+                    if done >= iters:
+                        return  # the epoch's end checkpoints
+                    stop = preemption.should_stop(s, device)
+                    if stop or (cfg.checkpoint_every_steps and s % cfg.checkpoint_every_steps == 0):
+                        check_finite()  # never overwrite the last good checkpoint with a non-finite state
+                        save(epoch, s, done)
+                    if stop:
+                        raise preemption.stop(f"epoch {epoch}, step {done} of {iters} (global step {s})", last,
+                                              is_main=env.is_main)
+
+                step = train_one_epoch(forward_model, train_loader, criterion, optimizer, lr_at=lr_at, step=step,
+                                       epoch=epoch, tasks=tasks.all, device=device, amp=use_amp,
+                                       channels_last=channels_last, max_iters=cfg.max_iters_per_epoch, writer=writer,
+                                       log_every=cfg.log_every, progress=cfg.progress and env.is_main,
+                                       balancer=balancer, shared=shared, start_iter=start_iter, rng=resume_rng,
+                                       on_step=on_step)
+                start_iter, resume_rng = 0, None
+                saved = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+                if saved:
+                    save(epoch + 1, step, 0)
+                if preemption.should_stop(step, device, force=True):
+                    if not saved:
+                        save(epoch + 1, step, 0)
+                    raise preemption.stop(f"the end of epoch {epoch} (global step {step})", last, is_main=env.is_main)
+                if env.is_main and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.epochs:
+                    vis = cfg.vis_every and (epoch + 1) % cfg.vis_every == 0
+                    metrics = evaluate(net, val_loader, writer=writer if vis else None, step=step, **common)
+                    for t, values in metrics.items():
+                        writer.scalars(values, step, prefix=f"val/{t}/")
+                    logger.info("epoch %d: %s", epoch + 1, _summary(metrics))
+                barrier()
+        except BaseException:
+            writer.close()
+            if run is not None:
+                run.close()
+            raise
     train_time = time.time() - start
 
     results: Dict[str, Any] = {}

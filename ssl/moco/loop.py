@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,11 @@ from tqdm import tqdm
 from selfsup import checkpoint as ckpt
 from selfsup.config import ConfigError, save_config, to_dict, upgrade_keys
 from selfsup.distributed import all_gather, get_world_size, init_distributed
-from selfsup.logs import ScalarWriter, setup_logging
+from selfsup.logs import ScalarWriter, setup_early_logging, setup_logging
 from selfsup.moco.config import HARMLESS_KEYS, OptimConfig, PretrainConfig, knn_warmup_epochs
 from selfsup.moco.model import MoCo
 from selfsup.nan_guard import NonFiniteGuard
+from selfsup.preemption import PreemptionHandler
 from selfsup.rundir import open_run_dir
 from selfsup.schedule import cosine_lr
 
@@ -90,47 +92,49 @@ def train_one_epoch(model: MoCo, loader: Iterable[List[torch.Tensor]], optimizer
     progress = tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
                     disable=not writer.enabled, dynamic_ncols=True, leave=False)
     end = time.perf_counter()
-    for views in loader:
-        start = time.perf_counter()
-        data_time += start - end
-        lr = lr_at(state.global_step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out, (keys, backbone_keys) = model(views, momentum=cfg.moco.momentum, use_knn=use_knn,
-                                               generator=generator, query_encoder=query_encoder)
-        loss = out["loss"]
-        loss_value = all_gather(loss.detach().reshape(1)).mean()
-        guard.update(loss_value, f"epoch {state.epoch}, step {state.step_in_epoch} (global step {state.global_step})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.enqueue(keys, backbone_keys)  # after the loss: this step's keys are not its own negatives
-        total_loss += loss_value.detach()
-        count += 1
-        images_seen += views[0].shape[0] * get_world_size()
-        end = time.perf_counter()
-        compute_time += end - start
-        state.step_in_epoch += 1
-        state.global_step += 1
-        progress.update(1)
-        if guard.due(state.global_step):
-            guard.check(where=where)
-        if state.global_step % cfg.train.log_every_steps == 0:
-            elapsed = data_time + compute_time
-            scalars = {k: v.item() for k, v in out.items()}
-            scalars.update(lr=lr, queue_fill=min(1.0, model.num_enqueued.item() / model.queue_size),
-                           images_per_s=images_seen / max(elapsed, 1e-9), data_time_fraction=data_time / max(elapsed, 1e-9))
-            writer.scalars(scalars, state.global_step, prefix="train/")
-            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}", **(status or {}))
-            data_time = compute_time = 0.0
-            images_seen = 0
-        epoch_done = state.step_in_epoch >= steps
-        on_step_end(state)  # checkpoints; rolls the state over to the next epoch
-        if epoch_done:
-            break
-    progress.close()
+    try:
+        for views in loader:
+            start = time.perf_counter()
+            data_time += start - end
+            lr = lr_at(state.global_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                out, (keys, backbone_keys) = model(views, momentum=cfg.moco.momentum, use_knn=use_knn,
+                                                   generator=generator, query_encoder=query_encoder)
+            loss = out["loss"]
+            loss_value = all_gather(loss.detach().reshape(1)).mean()
+            guard.update(loss_value, f"epoch {state.epoch}, step {state.step_in_epoch} (global step {state.global_step})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.enqueue(keys, backbone_keys)  # after the loss: this step's keys are not its own negatives
+            total_loss += loss_value.detach()
+            count += 1
+            images_seen += views[0].shape[0] * get_world_size()
+            end = time.perf_counter()
+            compute_time += end - start
+            state.step_in_epoch += 1
+            state.global_step += 1
+            progress.update(1)
+            if guard.due(state.global_step):
+                guard.check(where=where)
+            if state.global_step % cfg.train.log_every_steps == 0:
+                elapsed = data_time + compute_time
+                scalars = {k: v.item() for k, v in out.items()}
+                scalars.update(lr=lr, queue_fill=min(1.0, model.num_enqueued.item() / model.queue_size),
+                               images_per_s=images_seen / max(elapsed, 1e-9), data_time_fraction=data_time / max(elapsed, 1e-9))
+                writer.scalars(scalars, state.global_step, prefix="train/")
+                progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.3g}", **(status or {}))
+                data_time = compute_time = 0.0
+                images_seen = 0
+            epoch_done = state.step_in_epoch >= steps
+            on_step_end(state)  # checkpoints; rolls the state over to the next epoch
+            if epoch_done:
+                break
+    finally:
+        progress.close()  # (also on an error: its line is cleared before the one-line message)
     return {"loss": total_loss.item() / max(count, 1)}
 
 
@@ -144,12 +148,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.output_dir)
-    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
-    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change,
-                       upgrade=lambda old: upgrade_keys(PretrainConfig, old)) if env.is_main else None
-    setup_logging(run_dir, rank=env.rank)
-    if run is not None:
-        run.log_changes()
+    setup_early_logging(rank=env.rank)  # nothing is written into run_dir before the config and data are checked
     torch.manual_seed(cfg.train.seed)
     global_batch = cfg.optim.batch_size
     if global_batch % env.world_size:
@@ -169,6 +168,12 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     loader = build_loader(cfg, env, device)
     steps = len(loader) if cfg.train.steps_per_epoch <= 0 else min(len(loader), cfg.train.steps_per_epoch)
     total_steps = steps * cfg.train.epochs
+    # rank 0 writes: lock the run dir and check a resume's config before anything is written into it
+    run = open_run_dir(run_dir, to_dict(cfg), harmless=HARMLESS_KEYS, allow_change=cfg.allow_config_change,
+                       upgrade=lambda old: upgrade_keys(PretrainConfig, old)) if env.is_main else None
+    setup_logging(run_dir, rank=env.rank)
+    if run is not None:
+        run.log_changes()
 
     def lr_at(step: int) -> float:
         return cosine_lr(step, total_steps=total_steps, base_lr=base_lr, warmup_steps=cfg.optim.warmup_epochs * steps)
@@ -191,12 +196,19 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
         if env.is_main:
             ckpt.save_checkpoint(_checkpoint_state(cfg, model, optimizer, s), run_dir / ckpt.LAST)
 
+    preemption = PreemptionHandler()  # SIGTERM / SIGUSR1: checkpoint at this step, exit 75 (selfsup.preemption)
+
     def on_step_end(s: StepState) -> None:
         done_epoch = s.step_in_epoch >= steps
         if done_epoch:
             s.epoch, s.step_in_epoch = s.epoch + 1, 0
-        if done_epoch or s.global_step % cfg.train.checkpoint_every_steps == 0 or s.global_step == cfg.train.max_steps:
+        stop = preemption.should_stop(s.global_step, device, force=done_epoch)
+        if (done_epoch or stop or s.global_step % cfg.train.checkpoint_every_steps == 0
+                or s.global_step == cfg.train.max_steps):
             save(s)
+        if stop:
+            raise preemption.stop(f"epoch {s.epoch}, step {s.step_in_epoch} (global step {s.global_step})",
+                                  run_dir / ckpt.LAST, is_main=env.is_main)
         if cfg.train.max_steps and s.global_step >= cfg.train.max_steps:
             raise StopTraining
 
@@ -204,6 +216,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     if monitor is not None and state.global_step == 0:
         log_monitors(monitor, model.encoder_q.backbone, epoch=0, step=0, writer=writer, history=history)
     try:
+        preemption.__enter__()
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch
             loader.set_epoch(epoch, start_step=state.step_in_epoch)
@@ -219,6 +232,7 @@ def run_pretraining(cfg: PretrainConfig) -> Dict[str, Any]:
     except StopTraining:
         logger.info("stopped after %d steps (train.max_steps); resume by running the same command", state.global_step)
     finally:
+        preemption.__exit__(*sys.exc_info())
         writer.close()
         if run is not None:
             run.close()
