@@ -8,7 +8,7 @@ Only the shared (encoder) parameters are projected; the decoders get their plain
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,6 +36,6 @@ class PCGrad(GradientBalancer):
         super().__init__(tasks)
         self.seed = int(seed)
 
-    def coefficients(self, gram: torch.Tensor, *, step: int) -> torch.Tensor:
+    def coefficients(self, gram: torch.Tensor, *, step: int, losses: Optional[torch.Tensor] = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return pcgrad_projection(gram, generator).sum(0)
