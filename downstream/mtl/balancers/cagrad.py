@@ -45,7 +45,7 @@ def cagrad_coefficients(gram: torch.Tensor, c: float, *, rescale: bool = True, c
             return float(w @ Gb + sqrt_phi * np.sqrt(max(w @ G @ w, 0.0) + 1e-8))
 
         result = minimize(objective, mean, bounds=[(0.0, 1.0)] * T, method="SLSQP",
-                          constraints=({"type": "eq", "fun": lambda w: 1.0 - w.sum()},))
+                          constraints=({"type": "eq", "fun": lambda w: 1.0 - w.sum()},), options={"ftol": 1e-12, "maxiter": 500})
         w = np.clip(result.x, 0.0, None)
         gw_norm = np.sqrt(max(w @ G @ w, 0.0))
         coef = mean + (sqrt_phi / (gw_norm + 1e-8)) * w
