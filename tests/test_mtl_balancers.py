@@ -57,6 +57,12 @@ def test_unknown_balancer_and_argument_are_clear_errors():
         build_balancer("dwa", tasks=["semseg"], args={"tau": 1})
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         build_balancer("dwa", tasks=["semseg"], args={"temperature": 0})
+    for name, known in (("cagrad", "paper, libmtl"), ("uncertainty", "paper, libmtl"), ("mgda", "paper, published"),
+                        ("mgda_ub", "paper, published"), ("gradnorm", "paper, normalized")):
+        with pytest.raises(ConfigError, match=f"optim.balancer_args of '{name}': {name} convention must be one of {known}, got 'x'"):
+            build_balancer(name, tasks=["semseg"], args={"convention": "x"})
+    with pytest.raises(ConfigError, match="mgda normalize must be one of none, l2, loss, loss\\+, got 'L2'"):
+        build_balancer("mgda", tasks=["semseg"], args={"normalize": "L2"})
 
 
 @pytest.mark.parametrize("T", [2, 3, 4])

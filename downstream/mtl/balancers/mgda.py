@@ -94,18 +94,18 @@ def normalized_gram(gram: torch.Tensor, normalize: str, losses: Optional[torch.T
     return gram / (n[:, None] * n[None, :])
 
 
-def _check(normalize: str, convention: str) -> None:
+def _check(name: str, normalize: str, convention: str) -> None:
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"mgda normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        raise ValueError(f"{name} normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
     if convention not in CONVENTIONS:
-        raise ValueError(f"mgda convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+        raise ValueError(f"{name} convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
 
 
 @BALANCERS.register("mgda")
 class MGDA(GradientBalancer):
     def __init__(self, tasks: Sequence[str], normalize: str = "none", convention: str = "paper") -> None:
         super().__init__(tasks)
-        _check(normalize, convention)
+        _check("mgda", normalize, convention)
         self.normalize, self.convention = normalize, convention
 
     def coefficients(self, gram: torch.Tensor, *, step: int, losses: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -135,7 +135,7 @@ class MGDAUpperBound(Balancer):
 
     def __init__(self, tasks: Sequence[str], normalize: str = "none", convention: str = "paper") -> None:
         super().__init__(tasks)
-        _check(normalize, convention)
+        _check("mgda_ub", normalize, convention)
         self.normalize, self.convention = normalize, convention
 
     def backward(self, losses, *, extra=0.0, shared: Optional[SharedParts] = None, step: int = 0, epoch: int = 0,
