@@ -245,12 +245,12 @@ class PCGradRef(Reference):
     """Yu et al., "Gradient surgery for multi-task learning", NeurIPS 2020, Algorithm 1: for each task i,
     g_i^PC ← g_i, then for each other task j in a random order: if g_i^PC · g_j < 0,
     g_i^PC ← g_i^PC − (g_i^PC · g_j / ‖g_j‖²) g_j; the shared update is Σ_i g_i^PC (the paper's sum;
-    WeiChengTseng/Pytorch-PCGrad defaults to the mean). The heads get ∇ Σ L_t. The random order is the one this
-    project documents: per step a generator seeded with seed·1000003 + step, one ``randperm(T)`` per task."""
+    ``reduction: mean``: WeiChengTseng/Pytorch-PCGrad's default mean). The heads get ∇ Σ L_t. The random order
+    is the one this project documents: per step a generator seeded with seed·1000003 + step, one ``randperm(T)`` per task."""
 
-    def __init__(self, model, seed=0):
+    def __init__(self, model, seed=0, reduction="sum"):
         super().__init__(model)
-        self.seed = seed
+        self.seed, self.reduction = seed, reduction
 
     def step(self, losses, step, epoch):
         g = torch.stack([grad_of(losses[t], self.shared) for t in TASKS]).double()
@@ -262,6 +262,8 @@ class PCGradRef(Reference):
                 if float(pc @ g[j]) < 0:
                     pc = pc - (pc @ g[j]) / (g[j] @ g[j]) * g[j]
             total += pc
+        if self.reduction == "mean":
+            total = total / 3
         return torch.cat([total.float(), plain(losses, [1.0] * 3, self.heads)]), None
 
 
@@ -314,7 +316,7 @@ CASES = {
     "mgda_ub": [({}, lambda m: MGDARef(m, upper_bound=True), 1e-4),
                 ({"convention": "published"}, lambda m: MGDARef(m, upper_bound=True, convention="published"), 1e-4),
                 ({"normalize": "loss"}, lambda m: MGDARef(m, upper_bound=True, normalize="loss"), 1e-4)],
-    "pcgrad": [({}, PCGradRef, 1e-6)],
+    "pcgrad": [({}, PCGradRef, 1e-6), ({"reduction": "mean"}, lambda m: PCGradRef(m, reduction="mean"), 1e-6)],
     "cagrad": [({}, CAGradRef, 1e-4),
                ({"convention": "libmtl"}, lambda m: CAGradRef(m, convention="libmtl"), 1e-4),
                ({"c": 0.0}, lambda m: CAGradRef(m, c=0.0), 1e-6)],
