@@ -6,9 +6,9 @@ shared part of the model (:class:`SharedParts`) and the step/epoch counters. ``b
 gradients in ``.grad`` and returns the detached total loss.
 
 Two kinds:
-- loss weighting (fixed, uncertainty, dwa, dtp, auto_magnitude, gradnorm, mgda_ub): ``Σ_t λ_t L_t + extra``
-  goes through one ordinary ``backward()`` (under DDP: DDP's single all-reduce);
-- gradient manipulation (mgda, pcgrad, cagrad, ``reduces_gradients = True``): the per-task gradients of the
+- loss weighting (fixed, uncertainty, dwa, dtp, auto_magnitude, gradnorm, mgda_ub with ``convention: published``):
+  ``Σ_t λ_t L_t + extra`` goes through one ordinary ``backward()`` (under DDP: DDP's single all-reduce);
+- gradient manipulation (mgda, pcgrad, cagrad, mgda_ub, ``reduces_gradients = True``): the per-task gradients of the
   shared parameters are computed with ``torch.autograd.grad``, averaged over ranks once, combined, and written
   into ``.grad``; the other parameters get the plain gradient of ``Σ_t L_t + extra``, averaged over ranks once.
   The engine runs forward and backward of these under DDP's ``no_sync()``, so nothing is reduced twice.

@@ -11,9 +11,9 @@ tasks, Frank-Wolfe (with the exact two-point line search) for more.
 ``convention`` (what the α multiply):
 
 - ``paper`` (default, both variants): the paper's Algorithm 2 — the shared parameters get ``Σ_t α_t ∇L_t``, the
-  task-specific parameters (decoders, heads) their plain task gradients ``∇L_t``. ``mgda_ub`` does this in one
-  ordinary backward of ``Σ_t L_t + extra``: a hook on the representation replaces the gradient that reaches
-  the encoder by ``Σ_t α_t ∇_z L_t + ∇_z extra``.
+  task-specific parameters (decoders, heads) their plain task gradients ``∇L_t``. ``mgda_ub`` does this with
+  two backwards restricted to their inputs (shared: ``Σ_t α_t L_t + extra``; the rest: ``Σ_t L_t + extra``)
+  under DDP's ``no_sync()``, then averages every gradient over the ranks once.
 - ``published``: the released code (isl-org/MultiObjectiveOptimization, ``multi_task/train_multi_task.py``):
   one backward of ``Σ_t α_t L_t`` (+ extra), so the decoders' gradients are scaled by α_t too (about 1/T of
   fixed's step).
@@ -137,6 +137,7 @@ class MGDAUpperBound(Balancer):
         super().__init__(tasks)
         _check("mgda_ub", normalize, convention)
         self.normalize, self.convention = normalize, convention
+        self.reduces_gradients = convention == "paper"  # paper: two restricted backwards, reduced here
 
     def backward(self, losses, *, extra=0.0, shared: Optional[SharedParts] = None, step: int = 0, epoch: int = 0,
                  kpi=None) -> torch.Tensor:
@@ -158,18 +159,12 @@ class MGDAUpperBound(Balancer):
             total = (alpha * stacked).sum() + extra
             total.backward()
             return total.detach()
-        # paper: decoders get ∇ΣL_t; the encoder gets Σ α_t ∇_z L_t (+ ∇_z extra) through its output z
-        correction = (1 - alpha) @ Z  # the part of Σ_t ∇_z L_t that must not reach the encoder
-        handles, offset = [], 0
-        for z in reps:
-            piece = correction[offset:offset + z.numel()].view_as(z).to(z.dtype)
-            offset += z.numel()
-            if z.requires_grad:
-                handles.append(z.register_hook(lambda g, piece=piece: g - piece))
+        # paper: the shared parameters get ∇(Σ α_t L_t + extra), every other parameter ∇(Σ L_t + extra); two
+        # backwards restricted to their inputs (exact also where later layers read shared maps other than z, as
+        # in branched networks), under DDP's no_sync (reduces_gradients) and averaged over ranks once here
+        torch.autograd.backward((alpha * stacked).sum() + extra, inputs=shared.params, retain_graph=bool(shared.other))
         total = stacked.sum() + extra
-        try:
-            total.backward()
-        finally:
-            for h in handles:
-                h.remove()
+        if shared.other:
+            torch.autograd.backward(total, inputs=shared.other)
+        all_reduce_grads_([*shared.params, *shared.other])
         return total.detach()
