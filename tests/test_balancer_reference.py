@@ -7,6 +7,9 @@ balancer leaves on the shared layer and on the heads, and the balancer's weights
 *formula* gives (written below from the paper / repository, not from this project's code), then compares the
 parameters after the steps. ``CASES`` must hold a case for every name in the balancer registry: a new balancer
 without a reference fails :func:`test_every_registered_balancer_has_a_reference`.
+
+Versions: the papers as published (conference versions); the repositories named in each docstring at their
+default branch as reviewed for issue 32 (no commit is pinned here: none was recorded in that review).
 """
 import itertools
 import math
