@@ -13,7 +13,10 @@ that finished are reused, interrupted ones resume, so rerunning the same command
   python downstream/bench_balancers.py overhead --same-budget --height 96 --width 128   # the compare's model, CPU
   python downstream/bench_balancers.py compare --dataset nyud --seeds 0 1 2 --jobs 2    # docs/mtl.md's table
   python downstream/bench_balancers.py compare --dataset pascal_context --balancers fixed dwa pcgrad --epochs 5
-Extra key=value arguments are finetune_mtl.py / MTLConfig overrides (e.g. model.backbone=resnet50).
+  python downstream/bench_balancers.py compare --balancers fixed cagrad cagrad:convention=libmtl --seeds 0
+Extra key=value arguments are finetune_mtl.py / MTLConfig overrides (e.g. model.backbone=resnet50). A balancer
+may carry its parameters (optim.balancer_args) as NAME:key=value[,key=value...]: the same balancer with different
+parameters side by side in one comparison (its runs go to NAME@key=value...).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from selfsup.cli import DEBUG_ENV, debug_from_env, run_main, user_errors
-from selfsup.config import load_config
+from selfsup.config import ConfigError, load_config, yaml_load
 from selfsup.device import sync_device
 
 from downstream.mtl.balancers import balancer_names, build_balancer
@@ -53,6 +56,23 @@ DATASETS = {  # config folder, the compared main tasks, extra overrides (PASCAL:
 METRIC_LABEL = {"miou": "mIoU", "maxf": "maxF", "mean": "mErr °", "rmse": "RMSE", "odsF": "ODS F"}
 
 
+def parse_spec(spec: str) -> tuple:
+    """``NAME`` or ``NAME:key=value[,key=value...]`` -> (name, balancer_args); a one-line error on a bad item."""
+    name, _, rest = spec.partition(":")
+    args: Dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--balancers {spec!r}: expected NAME:key=value[,key=value...], got item {item!r}")
+        args[key.strip()] = yaml_load(raw, source=f"--balancers {spec!r}")
+    return name, args
+
+
+def spec_dir(spec: str) -> str:
+    """The run folder of a balancer spec (``cagrad:convention=libmtl`` -> ``cagrad@convention=libmtl``)."""
+    return spec.replace(":", "@").replace(",", "+")
+
+
 # --------------------------------------------------------------------------------------------------- overhead
 def time_balancers(names: Sequence[str], cfg: MTLConfig, *, size, batch_size: int, rounds: int, steps: int,
                    warmup: int, device: torch.device) -> List[Dict[str, Any]]:
@@ -67,7 +87,8 @@ def time_balancers(names: Sequence[str], cfg: MTLConfig, *, size, batch_size: in
         model = model_from_config(cfg).to(device)
         if cfg.channels_last and device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        balancer = build_balancer(name, tasks=tasks.main).to(device)
+        bal_name, bal_args = parse_spec(name)
+        balancer = build_balancer(bal_name, tasks=tasks.main, args=bal_args).to(device)
         runs[name] = dict(model=model.train(), balancer=balancer, shared=balancer_shared_parts(cfg, model, balancer),
                           optimizer=build_optimizer(cfg, model, balancer), step=0)  # the training run's own
 
@@ -200,8 +221,8 @@ def collect(root: Path, dataset: str, tasks: Sequence[str], balancers: Sequence[
         single[t] = {"metric": values, "cpu_min": statistics.mean(cpu) if None not in cpu else None}
     rows = []
     for b in balancers:
-        results = [read(root / f"s{s}" / b) for s in seeds]
-        cpu = [_cpu_minutes(root / f"s{s}" / b) for s in seeds]
+        results = [read(root / f"s{s}" / spec_dir(b)) for s in seeds]
+        cpu = [_cpu_minutes(root / f"s{s}" / spec_dir(b)) for s in seeds]
         rows.append({
             "balancer": b,
             "delta_mtl": [r["delta_mtl"] for r in results],
@@ -276,9 +297,11 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
             single.append(Job(f"s{s}/single_task_{t}", out, _finetune_argv(
                 configs / f"single_task_{t}.yaml", out, s, st_file, args, [*extra, f"data.tasks=[{t}]"])))
         for b in args.balancers:
-            out = root / f"s{s}" / b
+            out = root / f"s{s}" / spec_dir(b)
+            name, bal_args = parse_spec(b)
             multi.append(Job(f"s{s}/{b}", out, _finetune_argv(configs / "mtl_baseline.yaml", out, s, st_file, args, [
-                *extra, f"data.tasks=[{','.join(tasks)}]", f"optim.balancer={b}"])))
+                *extra, f"data.tasks=[{','.join(tasks)}]", f"optim.balancer={name}",
+                f"optim.balancer_args={json.dumps(bal_args)}"])))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = run_jobs(single, parallel=args.jobs, threads=threads)  # the references first: MTL runs need them
     started += run_jobs(multi, parallel=args.jobs, threads=threads)
@@ -320,17 +343,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     c.add_argument("--jobs", type=int, default=1, help="runs at a time")
     c.add_argument("--threads", type=int, default=0, help="OMP threads per run (default: cores / jobs)")
     for q in (o, c):
-        q.add_argument("--balancers", nargs="+", default=balancer_names(), help="default: all, fixed first")
+        q.add_argument("--balancers", nargs="+", default=balancer_names(),
+                       help="default: all, fixed first; NAME:key=value[,...] gives the balancer parameters")
         q.add_argument("overrides", nargs="*", help="MTLConfig overrides key=value (of every run)")
         q.add_argument("--debug", action="store_true", default=debug_from_env(),
                        help=f"show the full traceback of a user error (also with {DEBUG_ENV}=1)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value anywhere, also after flags
+    # key=value anywhere, also after flags (a balancer spec NAME:key=value has a ':' before its '=')
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and ":" not in a.partition("=")[0]]
     args = p.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
-    unknown = [b for b in args.balancers if b not in balancer_names()]
-    if unknown:
-        p.error(f"--balancers: unknown {', '.join(unknown)}; known: {', '.join(balancer_names())}")
+    for spec in args.balancers:
+        try:
+            name, bal_args = parse_spec(spec)
+        except (ValueError, ConfigError) as err:
+            p.error(str(err))
+        if name not in balancer_names():
+            p.error(f"--balancers: unknown {name}; known: {', '.join(balancer_names())}")
+        try:
+            build_balancer(name, tasks=["semseg", "depth"], args=bal_args)  # the parameters, checked before any run
+        except ConfigError as err:
+            p.error(f"--balancers {spec!r}: {err}")
     if "fixed" in args.balancers:  # the reference row first
         args.balancers = ["fixed"] + [b for b in args.balancers if b != "fixed"]
     return args

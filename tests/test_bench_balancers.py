@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from downstream.bench_balancers import main, parse_args
+from downstream.bench_balancers import main, parse_args, parse_spec, spec_dir
 
 TINY = ["model.backbone=resnet_tiny", "model.fpn_channels=16", "model.head_channels=16", "model.task_channels=8"]
 
@@ -32,6 +32,19 @@ def test_cli_rejects_unknown_balancer_and_stray_arguments(capsys):
         parse_args(["compare", "--jbos", "2"])
     assert parse_args(["compare", "--jobs", "2", "epochs=3", "--seeds", "1", "optim.lr=1e-3"]).overrides == \
         ["epochs=3", "optim.lr=1e-3"]
+
+
+def test_balancer_specs_carry_parameters(capsys):
+    """NAME:key=value[,...]: the same balancer with other parameters in one comparison, checked before any run."""
+    args = parse_args(["compare", "--balancers", "cagrad:convention=libmtl,c=0.2", "fixed", "mgda_ub", "epochs=3"])
+    assert args.balancers == ["fixed", "cagrad:convention=libmtl,c=0.2", "mgda_ub"] and args.overrides == ["epochs=3"]
+    assert parse_spec("cagrad:convention=libmtl,c=0.2") == ("cagrad", {"convention": "libmtl", "c": 0.2})
+    assert parse_spec("fixed") == ("fixed", {}) and spec_dir("cagrad:c=0,rescale=false") == "cagrad@c=0+rescale=false"
+    for bad, message in (("cagrad:cc=1", "has no parameter cc"), ("mgda:convention=libmtl", "convention must be one of"),
+                         ("cagrad:c", "expected NAME:key=value")):
+        with pytest.raises(SystemExit):
+            parse_args(["compare", "--balancers", bad])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -57,6 +57,12 @@ def test_unknown_balancer_and_argument_are_clear_errors():
         build_balancer("dwa", tasks=["semseg"], args={"tau": 1})
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         build_balancer("dwa", tasks=["semseg"], args={"temperature": 0})
+    for name, known in (("cagrad", "paper, libmtl"), ("uncertainty", "paper, libmtl"), ("mgda", "paper, published"),
+                        ("mgda_ub", "paper, published"), ("gradnorm", "paper, normalized")):
+        with pytest.raises(ConfigError, match=f"optim.balancer_args of '{name}': {name} convention must be one of {known}, got 'x'"):
+            build_balancer(name, tasks=["semseg"], args={"convention": "x"})
+    with pytest.raises(ConfigError, match="mgda normalize must be one of none, l2, loss, loss\\+, got 'L2'"):
+        build_balancer("mgda", tasks=["semseg"], args={"normalize": "L2"})
 
 
 @pytest.mark.parametrize("T", [2, 3, 4])
@@ -176,15 +182,15 @@ def test_pcgrad_removes_the_conflicting_component():
     assert torch.allclose(pcgrad_projection(h @ h.T, torch.Generator().manual_seed(0)), torch.eye(3, dtype=torch.float64))
 
 
-def test_cagrad_with_c0_is_the_mean_gradient_and_worst_case_improves_with_c():
+def test_cagrad_with_c0_is_the_summed_gradient_and_worst_case_improves_with_c():
     model = Toy()
     images, targets = toy_batch()
     losses, _ = MultiTaskLoss({"semseg": 1.0, "depth": 1.0}).per_task(model(images), targets)
     shared = SharedParts.of(model)
     expected = [torch.autograd.grad(losses[t], shared.params, retain_graph=True) for t in ("semseg", "depth")]
     build_balancer("cagrad", tasks=["semseg", "depth"], args={"c": 0.0}).backward(losses, shared=shared)
-    for p, a, b in zip(shared.params, *expected):
-        assert torch.allclose(p.grad, (a + b) / 2, atol=1e-6)
+    for p, a, b in zip(shared.params, *expected):  # T × the mean: the gradient of Σ L_t, as fixed
+        assert torch.allclose(p.grad, a + b, atol=1e-6)
     head = model.heads["depth"].weight
     assert head.grad is not None and head.grad.abs().sum() > 0  # decoders get their plain task gradients
     g = torch.tensor([[1.0, 0.0], [-0.8, 0.3]], dtype=torch.float64)

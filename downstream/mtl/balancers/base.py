@@ -6,9 +6,9 @@ shared part of the model (:class:`SharedParts`) and the step/epoch counters. ``b
 gradients in ``.grad`` and returns the detached total loss.
 
 Two kinds:
-- loss weighting (fixed, uncertainty, dwa, dtp, auto_magnitude, gradnorm, mgda_ub): ``Σ_t λ_t L_t + extra``
-  goes through one ordinary ``backward()`` (under DDP: DDP's single all-reduce);
-- gradient manipulation (mgda, pcgrad, cagrad, ``reduces_gradients = True``): the per-task gradients of the
+- loss weighting (fixed, uncertainty, dwa, dtp, auto_magnitude, gradnorm, mgda_ub with ``convention: published``):
+  ``Σ_t λ_t L_t + extra`` goes through one ordinary ``backward()`` (under DDP: DDP's single all-reduce);
+- gradient manipulation (mgda, pcgrad, cagrad, mgda_ub, ``reduces_gradients = True``): the per-task gradients of the
   shared parameters are computed with ``torch.autograd.grad``, averaged over ranks once, combined, and written
   into ``.grad``; the other parameters get the plain gradient of ``Σ_t L_t + extra``, averaged over ranks once.
   The engine runs forward and backward of these under DDP's ``no_sync()``, so nothing is reduced twice.
@@ -183,8 +183,9 @@ class GradientBalancer(Balancer):
     reduces_gradients = True
     needs_shared = True
 
-    def coefficients(self, gram: torch.Tensor, *, step: int) -> torch.Tensor:
-        """[T] float64 coefficients from the [T, T] float64 Gram matrix of the task gradients."""
+    def coefficients(self, gram: torch.Tensor, *, step: int, losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[T] float64 coefficients from the [T, T] float64 Gram matrix of the task gradients (``losses``: the
+        detached per-task losses [T], averaged over ranks, for balancers that normalise by them)."""
         raise NotImplementedError
 
     def backward(self, losses: Mapping[str, torch.Tensor], *, extra: torch.Tensor | float = 0.0,
@@ -198,7 +199,8 @@ class GradientBalancer(Balancer):
         all_reduce_mean_(grads)  # the only reduction of the shared gradients
         task_grads = grads[:self.num_tasks]
         gram = (task_grads @ task_grads.T).double().cpu()  # [T, T]; one small host copy per step
-        coeffs = self.coefficients(gram, step=step).to(grads.device, torch.float32)
+        loss_values = all_reduce_mean_(stacked.detach().clone()).double().cpu()
+        coeffs = self.coefficients(gram, step=step, losses=loss_values).to(grads.device, torch.float32)
         self.lambdas.copy_(coeffs)
         combined = coeffs @ task_grads + (grads[-1] if has_extra else 0.0)
         total = stacked.sum() + extra

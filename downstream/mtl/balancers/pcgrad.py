@@ -5,10 +5,13 @@ For each task gradient ``g_t``, in a random order of the other tasks j: if ``g_t
 the Gram matrix (``g_t'`` as coefficients over the ``g_s``), so the shared gradients are touched once.
 The order comes from a generator seeded with (seed, step): the same on every rank and after a resume.
 Only the shared (encoder) parameters are projected; the decoders get their plain task gradients.
+
+``reduction``: ``sum`` (default; the paper's Algorithm 1, ``g = Σ_i g_i^PC``, so PCGrad without conflicts is
+``fixed``) or ``mean`` (WeiChengTseng/Pytorch-PCGrad's default ``reduction='mean'``: the shared update / T).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,10 +35,13 @@ def pcgrad_projection(gram: torch.Tensor, generator: torch.Generator) -> torch.T
 
 @BALANCERS.register("pcgrad")
 class PCGrad(GradientBalancer):
-    def __init__(self, tasks: Sequence[str], seed: int = 0) -> None:
+    def __init__(self, tasks: Sequence[str], seed: int = 0, reduction: str = "sum") -> None:
         super().__init__(tasks)
-        self.seed = int(seed)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"pcgrad reduction must be one of sum, mean, got {reduction!r}")
+        self.seed, self.reduction = int(seed), reduction
 
-    def coefficients(self, gram: torch.Tensor, *, step: int) -> torch.Tensor:
+    def coefficients(self, gram: torch.Tensor, *, step: int, losses: Optional[torch.Tensor] = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return pcgrad_projection(gram, generator).sum(0)
+        C = pcgrad_projection(gram, generator)
+        return C.sum(0) if self.reduction == "sum" else C.mean(0)
