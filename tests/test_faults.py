@@ -214,7 +214,7 @@ def test_rejected_finetuning_config_creates_no_run_dir(tmp_path, embedded_root, 
 
 # ---------------------------------------------------------------- mid-epoch checkpoints and preemption
 
-MTL_MID = ["epochs=2", "max_iters_per_epoch=3", "checkpoint_every_steps=0"]  # 3 steps per epoch, 6 in all
+MTL_MID = ["epochs=2", "max_iters_per_epoch=8", "data.max_train_images=16", "checkpoint_every_steps=0"]  # 8 steps an epoch
 PRETRAIN_MID = ["train.epochs=2", "train.steps_per_epoch=4"]  # with 32 images: 4 steps per epoch, 8 in all
 
 
@@ -291,9 +291,9 @@ def test_finetuning_killed_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_
         proc.kill()
         proc.wait()
     killed = torch.load(run / "checkpoint.pth", weights_only=True)
-    assert killed["epoch"] == 0 and 0 < killed["step_in_epoch"] < 3 and killed["step"] == killed["step_in_epoch"]
+    assert killed["epoch"] == 0 and 0 < killed["step_in_epoch"] < 8 and killed["step"] == killed["step_in_epoch"]
     main([str(a) for a in args])  # the same command again
-    assert f"at epoch 0, after {killed['step_in_epoch']} of its 3 steps" in (run / "log_rank0.txt").read_text()
+    assert f"at epoch 0, after {killed['step_in_epoch']} of its 8 steps" in (run / "log_rank0.txt").read_text()
     assert_same_run(mtl_reference, run, ["model", "optimizer", "balancer", "step", "epoch"])
 
 
@@ -307,7 +307,9 @@ def test_finetuning_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly(
     args = mtl_args(embedded_root, run, *MTL_MID, "progress=true")
     proc = start("downstream/finetune_mtl.py", *args)
     try:
-        wait_for_stderr(proc, "1/3")  # the progress bar: one step of epoch 0 done
+        # the bar of epoch 0 is drawn (0/8) once the handlers are in place: the run stops after the step in flight.
+        # Not "1/8": at ~30 steps/s tqdm (0.1 s between redraws) may draw no step of epoch 0 before its end
+        wait_for_stderr(proc, "0/8")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -316,10 +318,10 @@ def test_finetuning_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly(
     line = err.decode().strip().splitlines()[-1]
     state = torch.load(run / "checkpoint.pth", weights_only=True)
     assert proc.returncode == 75 and "Traceback" not in err.decode(), err.decode()[-2000:]
-    assert line == (f"preempted by SIGTERM at epoch 0, step {state['step_in_epoch']} of 3 (global step "
+    assert line == (f"preempted by SIGTERM at epoch 0, step {state['step_in_epoch']} of 8 (global step "
                     f"{state['step']}): checkpoint saved to {run}/checkpoint.pth; run the same command again to "
                     f"resume from this step (exit code 75)"), line
-    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 8
     main([str(a) for a in args])
     assert_same_run(mtl_reference, run, ["model", "optimizer", "balancer", "step", "epoch"])
 
@@ -331,7 +333,7 @@ def test_pretraining_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly
     run = tmp_path / "run"
     proc = start("launch/pretrain.py", "--data", images, *PRETRAIN, *PRETRAIN_MID, "--output-dir", run)
     try:
-        wait_for_stderr(proc, "1/4")
+        wait_for_stderr(proc, "0/4")  # epoch 0's bar is drawn once the handlers are in place (see above)
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=120)
     finally:

@@ -158,6 +158,8 @@ def test_davis_first_frame_only_is_propagated_not_scored(davis, tmp_path, caplog
     ("voc07", "ImageSets/Main/aeroplane_trainval.txt"),
 ])
 def test_empty_split_list_names_the_file(embedded_root, tmp_path, dataset, split_file):
+    import downstream.datasets  # noqa: F401  (the readers register their datasets and layouts when imported)
+    import frozen  # noqa: F401
     from selfsup.data import build_dataset
     from selfsup.data.catalog import EMBEDDED_SUBDIR
     root = shadow(embedded_root / EMBEDDED_SUBDIR[dataset], tmp_path / dataset, split_file)
