@@ -297,6 +297,23 @@ def test_finetuning_killed_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_
     assert_same_run(mtl_reference, run, ["model", "optimizer", "balancer", "step", "epoch"])
 
 
+def preempt(script, args, sig, bar):
+    """Run ``script`` and send it ``sig`` once its progress bar shows ``bar``: (return code, stderr, its last
+    line, the checkpoint). Epoch 0's bar is drawn (``0/N``) once the handlers are in place, so the run stops after
+    the step in flight; not ``1/N``: at ~30 steps/s tqdm (0.1 s between redraws) may draw no step before the end."""
+    proc = start(script, *args)
+    try:
+        wait_for_stderr(proc, bar)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = err.decode()
+    return proc.returncode, err, err.strip().splitlines()[-1], torch.load(args[args.index("--output-dir") + 1] /
+                                                                          "checkpoint.pth", weights_only=True)
+
+
 def test_finetuning_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly(tmp_path, embedded_root,
                                                                                  mtl_reference):
     """SIGTERM mid-epoch (no periodic checkpoint: checkpoint_every_steps=0): the run writes a checkpoint
@@ -305,19 +322,8 @@ def test_finetuning_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly(
     from downstream.finetune_mtl import main
     run = tmp_path / "run"
     args = mtl_args(embedded_root, run, *MTL_MID, "progress=true")
-    proc = start("downstream/finetune_mtl.py", *args)
-    try:
-        # the bar of epoch 0 is drawn (0/8) once the handlers are in place: the run stops after the step in flight.
-        # Not "1/8": at ~30 steps/s tqdm (0.1 s between redraws) may draw no step of epoch 0 before its end
-        wait_for_stderr(proc, "0/8")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait()
-    line = err.decode().strip().splitlines()[-1]
-    state = torch.load(run / "checkpoint.pth", weights_only=True)
-    assert proc.returncode == 75 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    code, err, line, state = preempt("downstream/finetune_mtl.py", args, signal.SIGTERM, "0/8")
+    assert code == 75 and "Traceback" not in err, err[-2000:]
     assert line == (f"preempted by SIGTERM at epoch 0, step {state['step_in_epoch']} of 8 (global step "
                     f"{state['step']}): checkpoint saved to {run}/checkpoint.pth; run the same command again to "
                     f"resume from this step (exit code 75)"), line
@@ -331,17 +337,9 @@ def test_pretraining_preempted_mid_epoch_saves_that_step_and_resumes_bit_exactly
     this run)."""
     reference, images = pretrain_reference
     run = tmp_path / "run"
-    proc = start("launch/pretrain.py", "--data", images, *PRETRAIN, *PRETRAIN_MID, "--output-dir", run)
-    try:
-        wait_for_stderr(proc, "0/4")  # epoch 0's bar is drawn once the handlers are in place (see above)
-        proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait()
-    line = err.decode().strip().splitlines()[-1]
-    state = torch.load(run / "checkpoint.pth", weights_only=True)
-    assert proc.returncode == 75 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    args = ["--data", images, *PRETRAIN, *PRETRAIN_MID, "--output-dir", run]
+    code, err, line, state = preempt("launch/pretrain.py", args, signal.SIGUSR1, "0/4")
+    assert code == 75 and "Traceback" not in err, err[-2000:]
     assert line == (f"preempted by SIGUSR1 at epoch 0, step {state['step_in_epoch']} (global step "
                     f"{state['global_step']}): checkpoint saved to {run}/checkpoint.pth; run the same command again "
                     f"to resume from this step (exit code 75)"), line
