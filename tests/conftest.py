@@ -119,7 +119,9 @@ def slurm_cluster():
     conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
     status = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True)
     already = status.returncode == 0
-    proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    # the daemons get the machine's environment, not this worker's one-thread OMP_NUM_THREADS
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+    proc = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode not in (0, 3):
         pytest.skip(f"local SLURM cluster unavailable (cluster.sh start exit {proc.returncode}): "
                     f"{proc.stderr.strip()[-800:]}")

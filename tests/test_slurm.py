@@ -174,7 +174,11 @@ def test_pretrain_entry_point_on_slurm(slurm_cluster, embedded_root, tmp_path):
 # ---------------------------------------------------------------- two hosts: cross-host training
 
 REPO = HERE.parent
-TIMEOUT_S = 20  # SCENESSL_COLLECTIVE_TIMEOUT of the two-host jobs: a dead host fails the survivor after 20 s
+# SCENESSL_COLLECTIVE_TIMEOUT of the two-host jobs. 120 s where both hosts live: on a loaded 2-core machine one
+# host's task may start (import torch, unpickle the job) long after the other's, and the rendezvous waits for it;
+# 20 s in the dead-host test, where the survivor must fail soon after its peer went away.
+WAIT_S = 120
+TIMEOUT_S = 20
 PRETRAIN_TINY = [  # the improved recipe (multi-crop, kNN positives from step 0), tiny: 2 ranks x 8 images
     "--backbone", "resnet_tiny", "--batch-size", "16", "--workers", "0", "--multicrop", "--num-small", "2",
     "--knn", "4", "moco.knn_warmup_epochs=0", "model.hidden_dim=64", "model.dim=32", "moco.queue_size=64",
@@ -182,11 +186,12 @@ PRETRAIN_TINY = [  # the improved recipe (multi-crop, kNN positives from step 0)
     "train.checkpoint_every_steps=1", "train.log_every_steps=1"]
 
 
-def submit_entry_point(script: str, out: Path, *argv: str, tasks=(0, 1)):
+def submit_entry_point(script: str, out: Path, *argv: str, tasks=(0, 1),
+                       collective_timeout_s: int = WAIT_S):
     """``python <script> --slurm --nodes 2 --gpus-per-node 1 ...`` as a user types it; the submitit job."""
     import submitit
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCENESSL_COLLECTIVE_TIMEOUT": str(TIMEOUT_S)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCENESSL_COLLECTIVE_TIMEOUT": str(collective_timeout_s)}
     cmd = [sys.executable, str(REPO / script), "--slurm", "--nodes", "2", "--gpus-per-node", "1",
            "--cpus-per-task", "1", "--timeout-min", "30", "--output-dir", str(out), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
@@ -346,7 +351,8 @@ def test_dead_host_fails_clearly_and_keeps_the_checkpoint(two_hosts, embedded_ro
     from selfsup.moco.loop import build_model
 
     out = tmp_path / "dead"
-    job = submit_entry_point("launch/pretrain.py", out, "--epochs", "1", "train.steps_per_epoch=400", *PRETRAIN_TINY)
+    job = submit_entry_point("launch/pretrain.py", out, "--epochs", "1", "train.steps_per_epoch=400", *PRETRAIN_TINY,
+                             collective_timeout_s=TIMEOUT_S)
     try:
         wait_until(lambda: checkpoint_step(out) >= 2, job, timeout=150, what="2 training steps")
         killed = subprocess.run([str(CLUSTER), "kill-host", two_hosts[1]], capture_output=True, text=True)

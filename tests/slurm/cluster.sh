@@ -176,7 +176,8 @@ netns_down() {
 
 write_conf() {
     local cpus mem nodes_line ctl part_nodes i node
-    cpus="$(nproc)"
+    # not plain nproc: it honours OMP_NUM_THREADS (1 in the test workers), which would give each host 1 CPU
+    cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
     mkdir -p "$DIR/state" "$DIR/log"
     if [ "$(mode)" = two-host ]; then
         # RealMemory (MB) must not exceed what slurmd detects (the whole machine's, on each host): 45 % each
