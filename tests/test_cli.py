@@ -37,9 +37,10 @@ NO_SHARED_PARSER = {
 # entry points that neither train nor evaluate: no launcher flags
 NO_LAUNCH = {"launch/export.py", "launch/make_data.py", "launch/bench_pretrain.py", "downstream/bench_mtl.py",
              "downstream/branch.py"}
-NO_BACKBONE = {"launch/export.py", "launch/make_data.py", "launch/demo.py", "downstream/branch.py"}
+NO_BACKBONE = {"launch/export.py", "launch/make_data.py", "launch/demo.py", "downstream/branch.py",
+               "launch/bench_recipe.py"}
 NO_WEIGHTS = {"launch/pretrain.py", "launch/make_data.py", "launch/bench_pretrain.py", "downstream/bench_mtl.py",
-              "downstream/branch.py"}
+              "downstream/branch.py", "launch/bench_recipe.py"}  # bench_recipe pretrains every arm itself
 SHARED = ["key=value", "--config", "--output-dir", "--debug"]
 LAUNCH = ["--slurm", "--nodes", "--gpus-per-node", "--partition", "--sweep"]
 # the smallest argv that reaches the config (default: none)
