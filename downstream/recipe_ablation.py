@@ -34,15 +34,15 @@ from selfsup.cli import write_config
 from selfsup.config import ConfigError, check_counts, load_config, save_config, to_dict
 from downstream.demo_chain import ROWS, Chain, DemoConfig, _path
 
-# overrides of configs/pretrain/demo_objects.yaml, cumulative in the paper's order
-_MULTICROP = ["augment.num_small=4", "augment.constraint=overlap", "augment.auto_augment=false", "moco.momentum=0.995"]
-ARMS: Dict[str, List[str]] = {
-    "moco_v2": ["augment.num_small=0", "augment.auto_augment=false"],
-    "multicrop": _MULTICROP,
-    "autoaugment": _MULTICROP[:-2] + ["augment.auto_augment=true", "moco.momentum=0.995"],
-    "knn": _MULTICROP[:-2] + ["augment.auto_augment=true", "moco.momentum=0.995", "moco.knn_k=20",
-                              "moco.knn_weight=0.4"],
-}
+# what each arm adds to the one before (overrides of configs/pretrain/demo_objects.yaml; a later value wins)
+_INGREDIENTS = [
+    ("moco_v2", ["augment.num_small=0", "augment.auto_augment=false"]),
+    ("multicrop", ["augment.num_small=4", "augment.constraint=overlap", "moco.momentum=0.995"]),
+    ("autoaugment", ["augment.auto_augment=true"]),
+    ("knn", ["moco.knn_k=20", "moco.knn_weight=0.4"]),
+]
+ARMS: Dict[str, List[str]] = {name: [o for _, added in _INGREDIENTS[:i + 1] for o in added]
+                              for i, (name, _) in enumerate(_INGREDIENTS)}
 ARM_LABELS = {"moco_v2": "MoCo-v2", "multicrop": "+ constrained multi-crop", "autoaugment": "+ Standard-or-AutoAugment",
               "knn": "+ kNN positives (full recipe)", "random": "random init"}
 DATASETS = ("objects", "scenes")
