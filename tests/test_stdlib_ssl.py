@@ -10,7 +10,8 @@ from conftest import PYTHON, REPO, run_env
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 ENTRY_POINTS = ["launch/pretrain.py", "launch/export.py", "launch/make_data.py", "launch/bench_pretrain.py",
-                "launch/gpu_report.py", "launch/demo.py", "downstream/finetune_mtl.py", "downstream/bench_mtl.py",
+                "launch/gpu_report.py", "launch/demo.py", "launch/bench_recipe.py", "downstream/finetune_mtl.py",
+                "downstream/bench_mtl.py",
                 "downstream/linear_probe.py", "downstream/davis_propagation.py", "downstream/segment_retrieval.py",
                 "downstream/task_affinity.py", "downstream/branch.py", "downstream/bench_balancers.py"]
 
