@@ -6,7 +6,9 @@ training steps interleaved (round r starts at balancer r), so the machine's load
 ratios are medians against ``fixed``.
 compare: single-task references and the MTL baseline with each balancer via downstream/finetune_mtl.py, for each
 seed; a table (markdown + JSON) of Δ_MTL over the seeds, the final weights, CPU minutes, and a bar chart. Runs
-that finished are reused, interrupted ones resume, so rerunning the same command continues.
+that finished are reused, interrupted ones resume, so rerunning the same command continues. --models adds other
+multi-task architectures (configs/<dataset>/<model>.yaml, e.g. mti_net pad_net) with each balancer, same
+references and seeds: the architecture comparison of docs/benchmarks.md.
 
   python downstream/bench_balancers.py overhead                     # ResNet-18 + FPN, NYUD tasks, 480x640, batch 8
   python downstream/bench_balancers.py overhead --dataset pascal_context --height 512 --width 512
@@ -14,6 +16,7 @@ that finished are reused, interrupted ones resume, so rerunning the same command
   python downstream/bench_balancers.py compare --dataset nyud --seeds 0 1 2 --jobs 2    # docs/mtl.md's table
   python downstream/bench_balancers.py compare --dataset pascal_context --balancers fixed dwa pcgrad --epochs 5
   python downstream/bench_balancers.py compare --balancers fixed cagrad cagrad:convention=libmtl --seeds 0
+  python downstream/bench_balancers.py compare --balancers fixed --models mtl_baseline mti_net --weights W
 Extra key=value arguments are finetune_mtl.py / MTLConfig overrides (e.g. model.backbone=resnet50). A balancer
 may carry its parameters (optim.balancer_args) as NAME:key=value[,key=value...]: the same balancer with different
 parameters side by side in one comparison (its runs go to NAME@key=value...).
@@ -53,6 +56,7 @@ DATASETS = {  # config folder, the compared main tasks, extra overrides (PASCAL:
     "nyud": ("nyud", ["semseg", "depth"], []),
     "pascal_context": ("pascal", ["semseg", "sal", "normals"], ["data.crop_size=[96,96]"]),
 }
+BASELINE = "mtl_baseline"
 METRIC_LABEL = {"miou": "mIoU", "maxf": "maxF", "mean": "mErr °", "rmse": "RMSE", "odsF": "ODS F"}
 
 
@@ -209,8 +213,15 @@ def _spread(values: Sequence[Optional[float]]) -> str:
         f"{statistics.mean(values):+.2f} ({min(values):+.2f} … {max(values):+.2f})"
 
 
-def collect(root: Path, dataset: str, tasks: Sequence[str], balancers: Sequence[str], seeds: Sequence[int]) -> Dict[str, Any]:
-    """Per balancer: Δ_MTL and main metric per seed, the final weights (mean over seeds), CPU minutes."""
+def run_name(model: str, spec: str) -> str:
+    """A run's folder under ``s<seed>/`` and its row label: the balancer spec for the MTL baseline, else
+    ``<model>+<spec>``."""
+    return spec_dir(spec) if model == BASELINE else f"{model}+{spec_dir(spec)}"
+
+
+def collect(root: Path, dataset: str, tasks: Sequence[str], balancers: Sequence[str], seeds: Sequence[int],
+            models: Sequence[str] = ("mtl_baseline",)) -> Dict[str, Any]:
+    """Per model and balancer: Δ_MTL and main metric per seed, the final weights (mean over seeds), CPU minutes."""
     def read(out: Path) -> Dict[str, Any]:
         return json.loads((out / "results.json").read_text())
 
@@ -220,25 +231,27 @@ def collect(root: Path, dataset: str, tasks: Sequence[str], balancers: Sequence[
         cpu = [_cpu_minutes(root / f"s{s}" / f"single_task_{t}") for s in seeds]
         single[t] = {"metric": values, "cpu_min": statistics.mean(cpu) if None not in cpu else None}
     rows = []
-    for b in balancers:
-        results = [read(root / f"s{s}" / spec_dir(b)) for s in seeds]
-        cpu = [_cpu_minutes(root / f"s{s}" / spec_dir(b)) for s in seeds]
+    for m, b in [(m, b) for m in models for b in balancers]:
+        results = [read(root / f"s{s}" / run_name(m, b)) for s in seeds]
+        cpu = [_cpu_minutes(root / f"s{s}" / run_name(m, b)) for s in seeds]
         rows.append({
-            "balancer": b,
+            "balancer": b, "model": m, "label": b if m == BASELINE else f"{m} {b}",
             "delta_mtl": [r["delta_mtl"] for r in results],
             "metrics": {t: [r["metrics"][t][MAIN_METRIC[t]] for r in results] for t in tasks},
             "weights": {t: statistics.mean(r["balancer_weights"][t] for r in results) for t in tasks},
             "cpu_min": statistics.mean(cpu) if None not in cpu else None,
         })
-    return {"dataset": dataset, "tasks": list(tasks), "seeds": list(seeds), "single_task": single, "balancers": rows}
+    return {"dataset": dataset, "tasks": list(tasks), "seeds": list(seeds), "models": list(models),
+            "single_task": single, "balancers": rows}
 
 
 def compare_markdown(table: Dict[str, Any]) -> str:
     tasks = table["tasks"]
     head = [f"{t} {METRIC_LABEL.get(MAIN_METRIC[t], MAIN_METRIC[t])} {'↓' if LOWER_IS_BETTER[t] else '↑'}" for t in tasks]
     n = len(table["seeds"])
-    fixed = next((r["delta_mtl"] for r in table["balancers"] if r["balancer"] == "fixed"), None)
-    lines = [f"| balancer | {' | '.join(head)} | Δ_MTL % mean (min … max over {n} seeds) | Δ_MTL − fixed's, same "
+    fixed = next((r["delta_mtl"] for r in table["balancers"] if r["balancer"] == "fixed"
+                  and r.get("model", BASELINE) == BASELINE), None)
+    lines = [f"| {'model, balancer' if len(table.get('models', [BASELINE])) > 1 else 'balancer'} | {' | '.join(head)} | Δ_MTL % mean (min … max over {n} seeds) | Δ_MTL − fixed's, same "
              f"seed | final weights ({' / '.join(tasks)}) | CPU min |", "|---" * (len(tasks) + 5) + "|"]
     fmt = lambda v: f"{statistics.mean(v):.4g}"  # noqa: E731
     cpu = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
@@ -248,9 +261,9 @@ def compare_markdown(table: Dict[str, Any]) -> str:
     for r in table["balancers"]:
         weights = " / ".join(f"{r['weights'][t]:.3g}" for t in tasks)
         # paired by seed: the seed's single-task reference and initialisation cancel out
-        paired = "–" if fixed is None or r["balancer"] == "fixed" else _spread(
+        paired = "–" if fixed is None or r["delta_mtl"] is fixed else _spread(
             [None if a is None or b is None else a - b for a, b in zip(r["delta_mtl"], fixed)])
-        lines.append(f"| {r['balancer']} | {' | '.join(fmt(r['metrics'][t]) for t in tasks)} | {_spread(r['delta_mtl'])} "
+        lines.append(f"| {r.get('label', r['balancer'])} | {' | '.join(fmt(r['metrics'][t]) for t in tasks)} | {_spread(r['delta_mtl'])} "
                      f"| {paired} | {weights} | {cpu(r['cpu_min'])} |")
     return "\n".join(lines)
 
@@ -267,14 +280,15 @@ def compare_chart(table: Dict[str, Any], path: Path) -> None:
     img = Image.new("RGB", (w, top + bar_h * len(rows) + 24), "white")
     draw = ImageDraw.Draw(img)
     x_of = lambda v: label_w + 10 + (v - lo) / span * (w - label_w - 60)  # noqa: E731
-    draw.text((8, 6), f"Delta_MTL % on {table['dataset']} ({', '.join(table['tasks'])}), MTL baseline, "
+    models = ", ".join(table.get("models", [BASELINE])).replace(BASELINE, "MTL baseline")
+    draw.text((8, 6), f"Delta_MTL % on {table['dataset']} ({', '.join(table['tasks'])}), {models}, "
                       f"{len(table['seeds'])} seed(s): mean, min-max over seeds", fill="black")
     draw.line([x_of(0), top - 4, x_of(0), top + bar_h * len(rows)], fill=(120, 120, 120))
     for i, r in enumerate(rows):
         y = top + i * bar_h
         deltas = _defined(r["delta_mtl"])
         mean = statistics.mean(deltas)
-        draw.text((8, y + 5), r["balancer"], fill="black")
+        draw.text((8, y + 5), r.get("label", r["balancer"]), fill="black")
         colour = (44, 160, 44) if mean >= 0 else (214, 39, 40)
         draw.rectangle([min(x_of(0), x_of(mean)), y + 4, max(x_of(0), x_of(mean)), y + bar_h - 4], fill=colour)
         cy = y + bar_h // 2
@@ -296,16 +310,16 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
             out = root / f"s{s}" / f"single_task_{t}"
             single.append(Job(f"s{s}/single_task_{t}", out, _finetune_argv(
                 configs / f"single_task_{t}.yaml", out, s, st_file, args, [*extra, f"data.tasks=[{t}]"])))
-        for b in args.balancers:
-            out = root / f"s{s}" / spec_dir(b)
+        for m, b in [(m, b) for m in args.models for b in args.balancers]:
+            out = root / f"s{s}" / run_name(m, b)
             name, bal_args = parse_spec(b)
-            multi.append(Job(f"s{s}/{b}", out, _finetune_argv(configs / "mtl_baseline.yaml", out, s, st_file, args, [
+            multi.append(Job(f"s{s}/{run_name(m, b)}", out, _finetune_argv(configs / f"{m}.yaml", out, s, st_file, args, [
                 *extra, f"data.tasks=[{','.join(tasks)}]", f"optim.balancer={name}",
                 f"optim.balancer_args={json.dumps(bal_args)}"])))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = run_jobs(single, parallel=args.jobs, threads=threads)  # the references first: MTL runs need them
     started += run_jobs(multi, parallel=args.jobs, threads=threads)
-    table = collect(root, args.dataset, tasks, args.balancers, args.seeds)
+    table = collect(root, args.dataset, tasks, args.balancers, args.seeds, args.models)
     table["runs_started"] = started
     (root / "balancers.json").write_text(json.dumps(table, indent=2))
     markdown = compare_markdown(table)
@@ -341,6 +355,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     c.add_argument("--data-root", help="dataset folder (default: the embedded data)")
     c.add_argument("--output-dir", default="runs/bench_balancers")
     c.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    c.add_argument("--models", nargs="+", default=[BASELINE],
+                   help="multi-task configs of the dataset's folder (default: mtl_baseline), e.g. mtl_baseline mti_net")
     c.add_argument("--threads", type=int, default=0, help="OMP threads per run (default: cores / jobs)")
     for q in (o, c):
         q.add_argument("--balancers", nargs="+", default=balancer_names(),
@@ -364,6 +380,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             build_balancer(name, tasks=["semseg", "depth"], args=bal_args)  # the parameters, checked before any run
         except ConfigError as err:
             p.error(f"--balancers {spec!r}: {err}")
+    if args.command == "compare":
+        folder = DATASETS[args.dataset][0]
+        missing = [m for m in args.models if m.startswith("single_task") or not (REPO / "configs" / folder / f"{m}.yaml").is_file()]
+        if missing:
+            known = sorted(p.stem for p in (REPO / "configs" / folder).glob("*.yaml") if not p.stem.startswith("single_task"))
+            p.error(f"--models: no multi-task config configs/{folder}/{{{','.join(missing)}}}.yaml; known: {', '.join(known)}")
+        if BASELINE in args.models:  # the baseline's rows first: the paired column reads its fixed run
+            args.models = [BASELINE] + [m for m in args.models if m != BASELINE]
     if "fixed" in args.balancers:  # the reference row first
         args.balancers = ["fixed"] + [b for b in args.balancers if b != "fixed"]
     return args

@@ -13,6 +13,10 @@ segment retrieval) with the downstream seed equal to the pretraining seed; a ran
 the reference. So the spread of an arm (max - min over its seeds) covers the pretraining seed and the
 downstream seed together.
 
+``vary_data_seed: true`` also makes seed s the data seed of its runs (every embedded format is generated with it,
+the pretraining images included): the spread then covers the data too, and ``arms=[moco_v2]`` measures the
+spread ``make demo`` prints (``demo_spread`` in the JSON, a YAML block for configs/demo.yaml in the table).
+
 ``dataset: objects`` pretrains on the embedded object-centric images (the demo's set), ``scenes`` on the
 embedded COCO-format scenes (``scene_images`` of them); the kNN monitor and the probes read the object set.
 
@@ -55,6 +59,9 @@ class RecipeAblationConfig:
     dataset: str = "objects"  # objects | scenes: the pretraining images
     arms: List[str] = field(default_factory=lambda: list(ARMS))
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # pretraining seed = downstream seed
+    # true: seed s also generates the embedded data (data_seed=s, every format, the pretraining images too), so
+    # an arm's spread covers the pretraining, downstream and data seeds together (the demo's spread)
+    vary_data_seed: bool = False
     demo_config: str = "configs/demo.yaml"  # the chain's settings (fine-tuning, probes, data seed and size)
     demo_overrides: List[str] = field(default_factory=list)  # DemoConfig keys, e.g. [data_seed=7, data_num=240]
     pretrain_overrides: List[str] = field(default_factory=list)  # for every arm, e.g. [train.epochs=20]
@@ -92,7 +99,8 @@ class _ScenesChain(Chain):
 
 def demo_config(cfg: RecipeAblationConfig, run_dir: Path, seed: int, pretrain_overrides: List[str]) -> DemoConfig:
     return load_config(DemoConfig, yaml_path=_path(cfg.demo_config),
-                       overrides=list(cfg.demo_overrides) + [f"output_dir={run_dir}", f"seed={seed}"],
+                       overrides=list(cfg.demo_overrides) + [f"output_dir={run_dir}", f"seed={seed}"]
+                       + ([f"data_seed={seed}"] if cfg.vary_data_seed else []),
                        updates={"pretrain_overrides": pretrain_overrides, "checkpoint": "",
                                 "steps": ["pretrain", "export", *cfg.steps]})
 
@@ -129,6 +137,8 @@ def run_random(cfg: RecipeAblationConfig, seed: int) -> Dict[str, Any]:
     """The random-init backbone of ``seed`` on the same downstream steps (no pretraining)."""
     run_dir = Path(cfg.output_dir) / cfg.dataset / "random" / f"s{seed}"
     chain = _chain(cfg, demo_config(cfg, run_dir, seed, []))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(chain.cfg, run_dir / "demo_config.yaml")
     return {"results": {step: getattr(chain, step)("random", "none") for step in cfg.steps}}
 
 
@@ -158,7 +168,16 @@ def summarise(cfg: RecipeAblationConfig, runs: Dict[str, Dict[int, Dict[str, Any
                 entry["pretrain_seconds"] = _stats([float(v) for v in secs])
         arms[arm] = entry
     return {"dataset": cfg.dataset, "arms": arms, "higher_is_better": {r.name: r.higher_is_better for r in ROWS},
-            "config": to_dict(cfg)}
+            "demo_spread": demo_spread(arms), "config": to_dict(cfg)}
+
+
+def demo_spread(arms: Dict[str, Any], arm: str = "moco_v2") -> Dict[str, float]:
+    """Per demo row, max - min over the seeds, the larger of ``arm`` and random init: ``spread`` of configs/demo.yaml
+    (with ``vary_data_seed`` it covers the pretraining, downstream and data seeds). Empty under 2 seeds."""
+    if arm not in arms or "random" not in arms or len(arms[arm]["seeds"]) < 2:
+        return {}
+    return {name: max(stat["spread"], arms["random"]["rows"][name]["spread"])
+            for name, stat in arms[arm]["rows"].items() if name in arms["random"]["rows"]}
 
 
 def _cell(stat: Optional[Dict[str, Any]], digits: int = 2) -> str:
@@ -181,8 +200,13 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         cells = [ARM_LABELS[arm], ",".join(map(str, a["seeds"])), _cell(a.get("knn_monitor_end"), 1)]
         cells += [_cell(a["rows"].get(n), digits[n]) for n in names] + [_cell(a.get("pretrain_seconds"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("\nmean ± half of (max − min) over the pretraining seeds (each arm's downstream seed = its "
-                 f"pretraining seed); dataset: {summary['dataset']}.")
+    varied = summary["config"].get("vary_data_seed")
+    lines.append("\nmean ± half of (max − min) over the pretraining seeds (each arm's downstream seed"
+                 f"{' and data seed' if varied else ''} = its pretraining seed); dataset: {summary['dataset']}.")
+    if summary.get("demo_spread"):
+        lines.append("\nThe spread of `make demo` (max − min over the seeds, the larger of MoCo-v2 and random init;"
+                     " `spread:` of configs/demo.yaml):\n\n```yaml\nspread:")
+        lines += [f"  {name}: {value:.3g}" for name, value in summary["demo_spread"].items()] + ["```"]
     return "\n".join(lines)
 
 

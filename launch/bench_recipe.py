@@ -11,8 +11,9 @@ Examples:
   python launch/bench_recipe.py dataset=scenes                    # pretrain on the embedded COCO-format scenes
   python launch/bench_recipe.py 'seeds=[3]' 'arms=[moco_v2,knn]' 'steps=[probes]'
   python launch/bench_recipe.py 'pretrain_overrides=[train.epochs=20]' 'demo_overrides=[data_seed=7]'
+  python launch/bench_recipe.py 'arms=[moco_v2]' vary_data_seed=true --output-dir runs/demo_spread   # make demo's spread
 Keys (downstream/recipe_ablation.py RecipeAblationConfig): output_dir, dataset, arms, seeds, demo_config,
-demo_overrides, pretrain_overrides, steps, small_size, scene_images. Results: docs/benchmarks.md.
+vary_data_seed, demo_overrides, pretrain_overrides, steps, small_size, scene_images. Results: docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 
 from downstream.bench_balancers import main, parse_args, parse_spec, spec_dir
 
@@ -34,6 +35,15 @@ def test_cli_rejects_unknown_balancer_and_stray_arguments(capsys):
         ["epochs=3", "optim.lr=1e-3"]
 
 
+def test_compare_models_must_be_multi_task_configs(capsys):
+    for bad in ("mti_nett", "single_task_depth"):
+        with pytest.raises(SystemExit):
+            parse_args(["compare", "--models", "mtl_baseline", bad])
+        err = capsys.readouterr().err
+        assert f"--models: no multi-task config configs/nyud/{{{bad}}}.yaml" in err and "mti_net" in err
+    assert parse_args(["compare", "--models", "mti_net", "mtl_baseline"]).models == ["mtl_baseline", "mti_net"]
+
+
 def test_balancer_specs_carry_parameters(capsys):
     """NAME:key=value[,...]: the same balancer with other parameters in one comparison, checked before any run."""
     args = parse_args(["compare", "--balancers", "cagrad:convention=libmtl,c=0.2", "fixed", "mgda_ub", "epochs=3"])
@@ -52,20 +62,25 @@ def test_balancer_specs_carry_parameters(capsys):
 def test_compare_runs_references_and_balancers_then_reuses_them(tmp_path, embedded_root):
     """Regression tasks (depth, normals): their metrics are never 0 after one step, so Δ_MTL is defined."""
     argv = ["compare", "--dataset", "nyud", "--tasks", "depth", "normals", "--seeds", "0", "--epochs", "1", "--jobs", "2", "--balancers", "dwa",
-            "fixed", "--output-dir", str(tmp_path), "--data-root", str(embedded_root / "nyud"),
+            "fixed", "--models", "mti_net", "mtl_baseline", "--output-dir", str(tmp_path), "--data-root", str(embedded_root / "nyud"),
             "max_iters_per_epoch=1", "data.max_val_images=4", *TINY]
     table = main(argv)
     root = tmp_path / "nyud"
-    assert table["runs_started"] == 4 and [r["balancer"] for r in table["balancers"]] == ["fixed", "dwa"]
+    assert table["runs_started"] == 6 and [(r["model"], r["balancer"]) for r in table["balancers"]] == [
+        ("mtl_baseline", "fixed"), ("mtl_baseline", "dwa"), ("mti_net", "fixed"), ("mti_net", "dwa")]  # baseline first
     reference = json.loads((root / "s0" / "single_task.json").read_text())
     assert set(reference) == {"depth", "normals"}  # both single-task runs recorded into the seed's file
     for row in table["balancers"]:
-        results = json.loads((root / "s0" / row["balancer"] / "results.json").read_text())
+        folder = row["balancer"] if row["model"] == "mtl_baseline" else f"mti_net+{row['balancer']}"
+        results = json.loads((root / "s0" / folder / "results.json").read_text())
         assert results["balancer"] == row["balancer"] and row["delta_mtl"] == [results["delta_mtl"]]
+        assert yaml.safe_load((root / "s0" / folder / "config.yaml").read_text())["model"]["arch"] == row["model"]
         assert row["weights"] == results["balancer_weights"] and row["cpu_min"] > 0
     md = (root / "balancers.md").read_text()
     dwa, fixed = table["balancers"][1]["delta_mtl"][0], table["balancers"][0]["delta_mtl"][0]
     assert "| dwa | " in md and f"| {dwa:+.2f} | {dwa - fixed:+.2f} |" in md  # Δ_MTL, then paired with fixed
+    mti = table["balancers"][2]["delta_mtl"][0]
+    assert f"| mti_net fixed | " in md and f"| {mti:+.2f} | {mti - fixed:+.2f} |" in md  # paired with the baseline's
     assert (root / "balancers.png").stat().st_size > 0
     again = main(argv)  # every run finished: nothing is started again, the table is the same
     assert again["runs_started"] == 0 and again["balancers"] == table["balancers"]

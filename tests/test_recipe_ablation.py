@@ -95,3 +95,30 @@ def test_scenes_pretrain_on_the_coco_format_scenes(tmp_path, _hermetic_data_cach
     assert len(list(Path(resolved.data.root).rglob("*.jpg"))) == 40
     assert "classification" in resolved.data.knn_monitor_root  # the monitor reads the object set
     assert set(summary["arms"]) == {"moco_v2"} and len(summary["arms"]["moco_v2"]["knn_monitor"][0]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # ~35 s on an idle 2-core machine
+def test_vary_data_seed_gives_each_seed_its_data_and_the_demo_spread(tmp_path, _hermetic_data_cache):
+    """vary_data_seed: seed s pretrains and is evaluated on data generated with seed s; the summary carries the
+    demo's spread (per row, the larger of MoCo-v2's and random init's max - min) and prints it for demo.yaml."""
+    out = tmp_path / "spread"
+    cfg = load_ablation_config(None, [f"output_dir={out}", "arms=[moco_v2]", "seeds=[0,1]", "steps=[probes]",
+                                      "vary_data_seed=true", f"pretrain_overrides=[{','.join(TINY_PRETRAIN)}]",
+                                      f"demo_overrides=[{','.join(TINY_DEMO)},data_seed=5]"])
+    summary = run_ablation(cfg)
+    roots = []
+    for s in (0, 1):
+        run = out / "objects" / "moco_v2" / f"s{s}"
+        assert f"data_seed: {s}\n" in (run / "demo_config.yaml").read_text()  # the seed wins over demo_overrides
+        resolved = load_config(PretrainConfig, yaml_path=run / "pretrain" / "config.yaml")
+        assert f"-100-{s}" in resolved.data.root  # the object set of this data seed (100 images)
+        roots.append(resolved.data.root)
+        assert f"data_seed: {s}\n" in (out / "objects" / "random" / f"s{s}" / "demo_config.yaml").read_text()
+    assert roots[0] != roots[1]
+    arms, spread = summary["arms"], summary["demo_spread"]
+    for row in ("kNN probe", "linear probe"):
+        assert spread[row] == max(arms["moco_v2"]["rows"][row]["spread"], arms["random"]["rows"][row]["spread"])
+    table = (out / "objects" / "ablation.md").read_text()
+    assert "downstream seed and data seed = its pretraining seed" in table
+    assert f"spread:\n  kNN probe: {spread['kNN probe']:.3g}\n" in table

@@ -36,6 +36,7 @@ DEFAULT_SIZE = 96
 DEFAULT_NUM = 200
 DEFAULT_SEED = 0
 VIDEO_FRAMES = 24
+DAVIS_IMAGES_PER_VIDEO = 25  # davis2017 gets num // 25 videos (at least 6) for ``num`` images per dense format
 # Parts of PASCAL-Part person annotations written for each of our 6 part labels.
 _PART_FILE_NAMES = {1: "head", 2: "torso", 3: "luarm", 4: "llarm", 5: "luleg", 6: "llleg"}
 # PASCAL-Context LabelMap ids (459-class labelling) of our classes and of the wall / floor background.
@@ -206,7 +207,7 @@ _WRITERS: Dict[str, Callable[[Path, int, int, int, int], None]] = {
 
 def _num_items(fmt: str, num: int) -> int:
     if fmt == "davis2017":
-        return max(6, num // 25)  # sequences of VIDEO_FRAMES frames
+        return max(6, num // DAVIS_IMAGES_PER_VIDEO)  # sequences of VIDEO_FRAMES frames
     if fmt == "classification":
         return (len(CLASS_NAMES) - 1) * sum(_classification_counts(num))
     return num
