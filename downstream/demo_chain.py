@@ -102,7 +102,8 @@ def load_demo_config(yaml_path: Optional[str], overrides: List[str]) -> DemoConf
     return load_config(DemoConfig, yaml_path=yaml_path, overrides=overrides)
 
 
-def _path(p: str) -> Path:
+def repo_path(p: str) -> Path:
+    """``p`` as given when absolute or present from here, else relative to the repository (configs/...)."""
     path = Path(p)
     return path if path.is_absolute() or path.exists() else REPO / path
 
@@ -154,7 +155,7 @@ class Chain:
                 raise FileNotFoundError(f"checkpoint={self.cfg.checkpoint}: no such file")
             return path
         run_dir = self.out / "pretrain"
-        pcfg = load_config(PretrainConfig, yaml_path=_path(self.cfg.pretrain_config),
+        pcfg = load_config(PretrainConfig, yaml_path=repo_path(self.cfg.pretrain_config),
                            overrides=self.pretrain_overrides() + [f"output_dir={run_dir}"])
         done = run_dir / "pretrain.json"
         if not done.is_file() and "pretrain" in self.cfg.steps:
@@ -182,7 +183,7 @@ class Chain:
     def arch(self) -> str:
         from selfsup.moco.config import PretrainConfig
 
-        return load_config(PretrainConfig, yaml_path=_path(self.cfg.pretrain_config),
+        return load_config(PretrainConfig, yaml_path=repo_path(self.cfg.pretrain_config),
                            overrides=list(self.cfg.pretrain_overrides)).model.backbone
 
     def finetune(self, arm: str, weights: str) -> Dict[str, Any]:
@@ -195,7 +196,7 @@ class Chain:
                          f"model.weights={weights}", f"data.root={self.data('nyud')}"] + list(self.cfg.finetune_overrides)
             print(f"python downstream/finetune_mtl.py --config {self.cfg.finetune_config} {' '.join(overrides)}",
                   flush=True)
-            mcfg = load_config(MTLConfig, yaml_path=_path(self.cfg.finetune_config), overrides=overrides)
+            mcfg = load_config(MTLConfig, yaml_path=repo_path(self.cfg.finetune_config), overrides=overrides)
             result = run_finetune(mcfg)
             return {"metrics": result["metrics"], "train_time_s": result["train_time_s"]}
         return self.cached("finetune", arm, compute)

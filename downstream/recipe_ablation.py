@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 from selfsup.cli import write_config
 from selfsup.config import ConfigError, check_counts, load_config, save_config, to_dict
-from downstream.demo_chain import ROWS, Chain, DemoConfig, _path
+from downstream.demo_chain import ROWS, Chain, DemoConfig, repo_path
 
 # what each arm adds to the one before (overrides of configs/pretrain/demo_objects.yaml; a later value wins)
 _INGREDIENTS = [
@@ -98,7 +98,7 @@ class _ScenesChain(Chain):
 
 
 def demo_config(cfg: RecipeAblationConfig, run_dir: Path, seed: int, pretrain_overrides: List[str]) -> DemoConfig:
-    return load_config(DemoConfig, yaml_path=_path(cfg.demo_config),
+    return load_config(DemoConfig, yaml_path=repo_path(cfg.demo_config),
                        overrides=list(cfg.demo_overrides) + [f"output_dir={run_dir}", f"seed={seed}"]
                        + ([f"data_seed={seed}"] if cfg.vary_data_seed else []),
                        updates={"pretrain_overrides": pretrain_overrides, "checkpoint": "",

@@ -9,7 +9,7 @@ import pytest
 
 from selfsup.config import ConfigError, load_config
 from selfsup.moco.config import PretrainConfig
-from downstream.demo_chain import _path
+from downstream.demo_chain import repo_path
 from downstream.recipe_ablation import ARMS, RecipeAblationConfig, arm_overrides, load_ablation_config, run_ablation
 
 TINY_PRETRAIN = ["train.epochs=2", "optim.batch_size=32", "train.knn_every_epochs=1", "data.num_workers=0",
@@ -19,7 +19,7 @@ TINY_DEMO = ["probe_images=100", "data_num=50", "probe_epochs=3"]
 
 def _resolved(arm: str, seed: int = 0) -> PretrainConfig:
     cfg = RecipeAblationConfig()
-    return load_config(PretrainConfig, yaml_path=_path("configs/pretrain/demo_objects.yaml"),
+    return load_config(PretrainConfig, yaml_path=repo_path("configs/pretrain/demo_objects.yaml"),
                        overrides=arm_overrides(cfg, arm, seed))
 
 
