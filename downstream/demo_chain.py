@@ -10,8 +10,8 @@ interrupted demo resumes where it stopped):
    backbone and once from random init, same config and seed (``<out>/<arm>/finetune``);
 4. ``probes``: kNN and linear probe on the embedded class folders (the 2000-image object set);
 5. ``davis``: DAVIS-2017 label propagation (J&F) and ``retrieval``: VOC segment retrieval (mIoU, 21 classes);
-6. ``summary.md``, ``summary.json`` (``{"rows": [...]}``) and ``summary.png``, with the spread measured offline
-   over replicates that differ in pretraining, downstream and data seed (``spread`` in configs/demo.yaml, from
+6. ``summary.md``, ``summary.json`` (``{"rows": [...]}``) and ``summary.png``, with the spread of the gain measured
+   offline over replicates that differ in pretraining, downstream and data seed (``spread`` in configs/demo.yaml, from
    ``launch/bench_recipe.py 'arms=[moco_v2]' vary_data_seed=true``; docs/benchmarks.md says how).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class DemoConfig:
     # the generator's default (8 videos, 3 val sequences, 7 objects) one random-init backbone swung J&F by 6.6
     davis_videos: int = 36
     threads: int = 0  # torch threads (0: leave as is)
-    # spread per row (max - min over >= 3 replicates, the larger of the two arms), measured offline
+    # spread per row: max - min of the paired gain over >= 3 replicates (pretraining, downstream, data seed), offline
     spread: Dict[str, float] = field(default_factory=dict)
     spread_command: str = ""
 
@@ -277,7 +277,7 @@ def summarise(results: Dict[str, Dict[str, Any]], cfg: DemoConfig, *, monitor: L
         spread = cfg.spread.get(row.name)
         gain = (pre - rnd) if row.higher_is_better else (rnd - pre)
         rows.append({"name": row.name, "metric": row.metric, "higher_is_better": row.higher_is_better,
-                     "pretrained": pre, "random": rnd, "spread": spread,
+                     "pretrained": pre, "random": rnd, "gain": gain, "spread": spread,
                      "pretrained_wins": bool(gain > (spread or 0.0))})
     knn = [h["knn_acc"] for h in monitor if "knn_acc" in h]
     return {"rows": rows, "pretrain_knn_monitor": {"init": knn[0], "final": knn[-1], "best": max(knn)} if knn else None,
@@ -286,18 +286,19 @@ def summarise(results: Dict[str, Dict[str, Any]], cfg: DemoConfig, *, monitor: L
 
 
 def summary_markdown(summary: Dict[str, Any]) -> str:
-    lines = ["| | metric | pretrained | random init | spread | pretrained wins |", "|---|---|---|---|---|---|"]
+    lines = ["| | metric | pretrained | random init | gain | spread of the gain | pretrained wins |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         arrow = "↑" if r["higher_is_better"] else "↓"
-        spread = "?" if r["spread"] is None else f"±{r['spread']:.3g}"
-        lines.append(f"| {r['name']} | {r['metric']} {arrow} | {r['pretrained']:.4g} | {r['random']:.4g} | {spread} "
+        spread = "?" if r["spread"] is None else f"{r['spread']:.3g}"
+        lines.append(f"| {r['name']} | {r['metric']} {arrow} | {r['pretrained']:.4g} | {r['random']:.4g} | {r['gain']:+.3g} | {spread} "
                      f"| {'yes' if r['pretrained_wins'] else 'NO'} |")
     knn = summary.get("pretrain_knn_monitor")
     if knn:
         lines.append(f"\nPretraining kNN monitor: {knn['init']:.1f}% at initialisation -> {knn['final']:.1f}% "
                      f"(best {knn['best']:.1f}%).")
-    lines.append("spread = max - min over the replicates of the spread measurement, the larger of the two arms; "
-                 "a row wins when its gain exceeds it"
+    lines.append("spread = max - min of the gain (pretrained vs random init, paired) over replicates that differ in "
+                 "pretraining, downstream and data seed; a row wins when its gain exceeds it"
                  + (f" (measured with: `{summary['spread_command']}`)." if summary.get("spread_command") else "."))
     return "\n".join(lines)
 

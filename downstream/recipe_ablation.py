@@ -148,7 +148,7 @@ def _stats(values: List[float]) -> Dict[str, Any]:
 
 def summarise(cfg: RecipeAblationConfig, runs: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Any]:
     """Per arm: each demo row's values over the seeds (mean, max - min), the kNN monitor's end and the
-    pretraining wall time; the rows where an arm beats the one before by more than both spreads."""
+    pretraining wall time; each arm's gain over random init of the same seed, paired by seed."""
     arms: Dict[str, Any] = {}
     for arm, by_seed in runs.items():
         seeds = sorted(by_seed)
@@ -167,17 +167,49 @@ def summarise(cfg: RecipeAblationConfig, runs: Dict[str, Dict[int, Dict[str, Any
             if all(v is not None for v in secs):
                 entry["pretrain_seconds"] = _stats([float(v) for v in secs])
         arms[arm] = entry
+    gains = paired_gains(runs)
     return {"dataset": cfg.dataset, "arms": arms, "higher_is_better": {r.name: r.higher_is_better for r in ROWS},
-            "demo_spread": demo_spread(arms), "config": to_dict(cfg)}
+            "gains": gains, "demo_spread": demo_spread(gains), "value_spread": value_spread(arms),
+            "config": to_dict(cfg)}
 
 
-def demo_spread(arms: Dict[str, Any], arm: str = "moco_v2") -> Dict[str, float]:
-    """Per demo row, max - min over the seeds, the larger of ``arm`` and random init: ``spread`` of configs/demo.yaml
-    (with ``vary_data_seed`` it covers the pretraining, downstream and data seeds). Empty under 2 seeds."""
+def paired_gains(runs: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per arm and row: the gain over random init of the same seed (same data, downstream seed and random
+    backbone seed; positive = better, also for a lower-is-better row), over the seeds both ran."""
+    if "random" not in runs:
+        return {}
+    gains: Dict[str, Dict[str, Any]] = {}
+    for arm, by_seed in runs.items():
+        seeds = [s for s in sorted(by_seed) if s in runs["random"]] if arm != "random" else []
+        for row in ROWS:
+            pairs = [(row.get(by_seed[s]["results"]), row.get(runs["random"][s]["results"])) for s in seeds]
+            if pairs and all(p is not None and r is not None for p, r in pairs):
+                sign = 1.0 if row.higher_is_better else -1.0
+                gains.setdefault(arm, {})[row.name] = _stats([sign * (p - r) for p, r in pairs])
+    return gains
+
+
+def demo_spread(gains: Dict[str, Dict[str, Any]], arm: str = "moco_v2") -> Dict[str, float]:
+    """``spread`` of configs/demo.yaml: per row, max - min over the seeds of ``arm``'s gain over random init (with
+    ``vary_data_seed`` the seeds differ in pretraining, downstream and data seed). Empty under 2 seeds."""
+    rows = gains.get(arm, {})
+    return {name: stat["spread"] for name, stat in rows.items() if len(stat["values"]) >= 2}
+
+
+def value_spread(arms: Dict[str, Any], arm: str = "moco_v2") -> Dict[str, float]:
+    """Per row, max - min over the seeds of the values, the larger of ``arm`` and random init (unpaired: with
+    ``vary_data_seed`` it also holds how the data seed moves both arms together)."""
     if arm not in arms or "random" not in arms or len(arms[arm]["seeds"]) < 2:
         return {}
     return {name: max(stat["spread"], arms["random"]["rows"][name]["spread"])
             for name, stat in arms[arm]["rows"].items() if name in arms["random"]["rows"]}
+
+
+def _gain_cell(stat: Optional[Dict[str, Any]], digits: int) -> str:
+    if stat is None:
+        return "–"
+    values = stat["values"]
+    return f"{stat['mean']:+.{digits}f}" + (f" ({min(values):+.{digits}f} … {max(values):+.{digits}f})" if len(values) > 1 else "")
 
 
 def _cell(stat: Optional[Dict[str, Any]], digits: int = 2) -> str:
@@ -203,9 +235,16 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     varied = summary["config"].get("vary_data_seed")
     lines.append("\nmean ± half of (max − min) over the pretraining seeds (each arm's downstream seed"
                  f"{' and data seed' if varied else ''} = its pretraining seed); dataset: {summary['dataset']}.")
+    gains = summary.get("gains", {})
+    if gains:
+        lines += ["\nGain over random init of the same seed (paired; positive = better, also for ↓ rows): mean (min … max)"
+                  "\n", "| arm | " + " | ".join(f"{n} {arrows[n]}" for n in names) + " |", "|" + "---|" * (len(names) + 1)]
+        for arm in [a for a in ARMS if a in gains]:
+            cells = [_gain_cell(gains[arm].get(n), 3 if "depth" in n else 2) for n in names]
+            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
     if summary.get("demo_spread"):
-        lines.append("\nThe spread of `make demo` (max − min over the seeds, the larger of MoCo-v2 and random init;"
-                     " `spread:` of configs/demo.yaml):\n\n```yaml\nspread:")
+        lines.append("\nThe spread of `make demo` (max − min over the seeds of MoCo-v2's paired gain; `spread:` of"
+                     " configs/demo.yaml):\n\n```yaml\nspread:")
         lines += [f"  {name}: {value:.3g}" for name, value in summary["demo_spread"].items()] + ["```"]
     return "\n".join(lines)
 

@@ -24,10 +24,11 @@ def test_summary_rows_wins_and_files(tmp_path):
     assert rows["kNN probe"]["pretrained_wins"] and rows["kNN probe"]["spread"] is None
     write_summary(summary, tmp_path)
     data = json.loads((tmp_path / "summary.json").read_text())
-    assert set(data["rows"][0]) == {"name", "metric", "higher_is_better", "pretrained", "random", "spread",
+    assert set(data["rows"][0]) == {"name", "metric", "higher_is_better", "pretrained", "random", "gain", "spread",
                                     "pretrained_wins"}
+    assert rows["NYUD depth (MTL baseline)"]["gain"] == pytest.approx(0.10)  # positive = better, also for depth
     md = (tmp_path / "summary.md").read_text()
-    assert "| NYUD semseg (MTL baseline) | mIoU % ↑ | 15 | 14.8 | ±0.5 | NO |" in md and "22.9% at init" in md
+    assert "| NYUD semseg (MTL baseline) | mIoU % ↑ | 15 | 14.8 | +0.2 | 0.5 | NO |" in md and "22.9% at init" in md
     assert Image.open(tmp_path / "summary.png").size[0] == 190 * 4
 
 
