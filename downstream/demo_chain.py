@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from selfsup.config import check_counts, load_config, save_config, to_dict
+from selfsup.config import ConfigError, check_counts, load_config, save_config, to_dict, yaml_load
 from selfsup.data.synthetic import DAVIS_IMAGES_PER_VIDEO
 
 logger = logging.getLogger(__name__)
@@ -251,6 +251,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     chain = Chain(cfg)
+    check_same_run(cfg, chain.out / "config.yaml")
     chain.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, chain.out / "config.yaml")
     checkpoint = chain.pretrain()
@@ -265,6 +266,23 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     write_summary(summary, chain.out)
     print("\n" + summary_markdown(summary), flush=True)
     return summary
+
+
+# keys that do not change a step's result: a rerun may change them and still read the finished steps back
+RERUN_KEYS = ("output_dir", "steps", "threads", "spread", "spread_command")
+
+
+def check_same_run(cfg: DemoConfig, saved: Path) -> None:
+    """Refuse to resume a run directory whose finished steps were computed with another configuration."""
+    if not saved.is_file():
+        return
+    before = yaml_load(saved.read_text(), source=str(saved)) or {}
+    now = to_dict(cfg)
+    changed = sorted(k for k in set(before) | set(now) if k not in RERUN_KEYS and before.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k} {before.get(k, '(absent)')} -> {now.get(k, '(absent)')}" for k in changed[:4])
+        raise ConfigError(f"{cfg.output_dir} holds a demo run of another config ({diff}{' ...' if len(changed) > 4 else ''}):"
+                          " its finished steps would be reused; pass another --output-dir or remove that folder")
 
 
 def summarise(results: Dict[str, Dict[str, Any]], cfg: DemoConfig, *, monitor: List[Dict[str, float]],

@@ -48,6 +48,26 @@ def test_demo_config_rejects_unknown_keys_and_steps(repo):
 # workers (--dist loadfile), and the fixture must be built once (tests/conftest.py checks this).
 @pytest.mark.slow
 @pytest.mark.timeout(1000)  # 267-309 s on an idle 2-core machine (the shared objects_moco_run fixture, data included)
+def test_rerun_with_another_config_is_refused_before_any_step(tmp_path, repo, _hermetic_data_cache):
+    """A run directory resumes only under the config that computed its finished steps (else stale rows would mix
+    in); keys that change no result (spread, steps, threads) may change."""
+    from selfsup.config import ConfigError, save_config
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    before = load_demo_config(str(repo / "configs" / "demo.yaml"), [f"output_dir={out}", "davis_videos=8", "probe_images=40"])
+    save_config(before, out / "config.yaml")
+    (out / "random").mkdir()
+    (out / "random" / "probes.json").write_text("{}")  # a finished step of that run
+    with pytest.raises(ConfigError, match=r"holds a demo run of another config \(davis_videos 8 -> 36\)"):
+        run_demo(load_demo_config(str(repo / "configs" / "demo.yaml"), [f"output_dir={out}", "steps=[probes]",
+                                                                        "probe_images=40"]))
+    assert (out / "config.yaml").read_text().count("davis_videos: 8") == 1  # nothing rewritten
+    summary = run_demo(load_demo_config(str(repo / "configs" / "demo.yaml"), [
+        f"output_dir={out}", "davis_videos=8", "steps=[probes]", "threads=1", "spread={}", "probe_images=40"]))
+    assert summary["rows"] == []  # accepted: the finished step is read back, nothing else runs
+
+
 def test_moco_learns_on_the_object_images(objects_moco_run):
     """End to end, no part mocked: configs/pretrain/demo_objects.yaml at crop scale 0.2 for 30 epochs (900 steps,
     ~2.5 min on two cores) lifts the kNN monitor clearly above its random-init value (measured: 22.9% -> 27.2%,
