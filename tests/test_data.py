@@ -248,13 +248,40 @@ def test_make_data_cli(tmp_path):
 def test_ensure_embedded_data_one_format(tmp_path, monkeypatch):
     """formats=("classification",) generates only the class folders, in their own cache folder, same images."""
     monkeypatch.setenv("SCENESSL_DATA", str(tmp_path))
-    from selfsup.data.synthetic import GENERATOR_VERSION
+    from selfsup.data.synthetic import FORMAT_VERSIONS, GENERATOR_VERSION
     full = ensure_embedded_data(size=24, num=4, seed=0, workers=1)
     objects = ensure_embedded_data(size=24, num=4, seed=0, workers=1, formats=("classification",))
-    assert objects == tmp_path / f"objects-v{GENERATOR_VERSION}-24-4-0"
+    assert full.name == f"embedded-v{GENERATOR_VERSION}-24-4-0"
+    # a set is named after its newest format: a change to the COCO scenes keeps the object set's cache
+    assert objects == tmp_path / f"objects-v{FORMAT_VERSIONS['classification']}-24-4-0"
     assert sorted(p.name for p in objects.iterdir() if p.is_dir()) == ["classification"]
     files = sorted(p.relative_to(objects) for p in objects.rglob("*.jpg"))
     assert files and files == sorted(p.relative_to(full) for p in (full / "classification").rglob("*.jpg"))
     assert all((objects / f).read_bytes() == (full / f).read_bytes() for f in files)
     with pytest.raises(ValueError, match="expected some of"):
         ensure_embedded_data(size=24, num=4, formats=("imagenet",))
+
+
+def test_coco_scenes_hold_several_dominant_objects_of_the_object_classes():
+    """The scene-centric premise (COCO-format pretraining images): 2-4 objects each covering a good part of the
+    image, side by side, so that two half-image crops often show different objects; their classes vary."""
+    from selfsup.data.scenes import render_scene, sample_scene
+    from selfsup.data.synthetic import COCO_MAIN_OBJECTS, _aspect_width, _rng
+
+    counts, classes, left_right_differ = [], set(), 0
+    for i in range(40):
+        rng = _rng(0, "coco", i)
+        width = _aspect_width(rng, 96)
+        main = int(rng.integers(COCO_MAIN_OBJECTS[0], COCO_MAIN_OBJECTS[1] + 1))
+        scene = sample_scene(rng, 96, width, main_objects=main)
+        labels = render_scene(scene)
+        ids, areas = np.unique(labels["object_id"], return_counts=True)
+        big = [k for k, a in zip(ids, areas) if k > 0 and a >= 0.03 * labels["object_id"].size]
+        counts.append(len(big))
+        classes |= {scene.objects[k - 1].cls for k in big}
+        # the dominant object of the left and of the right half
+        halves = [labels["object_id"][:, :width // 2], labels["object_id"][:, width // 2:]]
+        tops = [np.bincount(h[h > 0].ravel(), minlength=len(scene.objects) + 1).argmax() for h in halves]
+        left_right_differ += tops[0] != tops[1]
+    assert min(counts) >= 2 and np.mean(counts) >= 2.5, counts  # measured: 2-4, mean 2.8
+    assert len(classes) >= 12 and left_right_differ >= 28, (classes, left_right_differ)  # measured: 20 classes, 34

@@ -119,11 +119,14 @@ def _make_object(rng: np.random.Generator, cls: int, x: float, base: float) -> S
 
 def sample_scene(
     rng: np.random.Generator, height: int, width: int, *, num_objects: Tuple[int, int] = (3, 7),
-    main_class: Optional[int] = None, person_prob: float = 0.45, moving: int = 0,
+    main_class: Optional[int] = None, person_prob: float = 0.45, moving: int = 0, main_objects: int = 0,
 ) -> Scene:
     """Sample a scene description.
 
     ``main_class``: one dominant, centred object of that class (classification images).
+    ``main_objects``: that many dominant objects of random object classes side by side, each about as tall as
+    the object of a classification image (the scene-centric premise: several objects per image, so two crops
+    of one scene often show different objects), plus 0-2 small distractors far away.
     ``moving``: number of objects given a velocity and an instance id (video sequences).
     """
     focal = width * rng.uniform(0.8, 1.0)
@@ -147,21 +150,29 @@ def sample_scene(
     )
     floor_top = wall_row / height
     objects: List[SceneObject] = []
-    if main_class is not None:
-        # a dominant object standing near the bottom, 45-75% of the image tall: place its base first,
-        # then scale it to that apparent height at the base's depth (so it is never cut off below)
-        obj = _make_object(rng, main_class, rng.uniform(0.4, 0.6), rng.uniform(0.82, 0.92))
-        pixel_height = rng.uniform(0.45, 0.75) * height
+    def dominant(cls: int, x: float, tall: Tuple[float, float]) -> SceneObject:
+        # standing near the bottom, a fraction ``tall`` of the image high: place its base first, then scale it
+        # to that apparent height at the base's depth (so it is never cut off below)
+        obj = _make_object(rng, cls, x, rng.uniform(0.82, 0.92))
         depth = focal * cam_height / max(obj.base * height - horizon, 1.0)
-        obj.height_m = pixel_height * depth / focal
-        objects.append(obj)
+        obj.height_m = rng.uniform(*tall) * height * depth / focal
+        return obj
+
+    if main_class is not None:
+        objects.append(dominant(main_class, rng.uniform(0.4, 0.6), (0.45, 0.75)))
+        num = int(rng.integers(0, 3))
+    elif main_objects:
+        for k in range(main_objects):  # one slot of the image width each, in a random class order
+            cls = PERSON if rng.random() < person_prob / main_objects else int(rng.choice([c for c in _CLASS_STYLE]))
+            objects.append(dominant(cls, (k + rng.uniform(0.3, 0.7)) / main_objects, (0.4, 0.65)))
         num = int(rng.integers(0, 3))
     else:
         num = int(rng.integers(num_objects[0], num_objects[1] + 1))
     for i in range(num):
         cls = PERSON if rng.random() < person_prob / max(num, 1) * 2 else int(rng.choice([c for c in _CLASS_STYLE]))
-        lo = floor_top + 0.05 if main_class is None else floor_top + 0.02
-        hi = 1.1 if main_class is None else floor_top + 0.12  # distractors of classification images stay far
+        far = main_class is not None or main_objects > 0  # distractors of dominant objects stay far
+        lo = floor_top + 0.02 if far else floor_top + 0.05
+        hi = floor_top + 0.12 if far else 1.1
         obj = _make_object(rng, cls, rng.uniform(0.05, 0.95), rng.uniform(lo, hi))
         # cap the apparent size: an object may not exceed 0.8 of the image height
         max_base = (horizon + 0.8 * height * cam_height / obj.height_m) / height

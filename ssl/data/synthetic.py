@@ -28,10 +28,13 @@ logger = logging.getLogger(__name__)
 
 FORMATS: Tuple[str, ...] = ("coco", "pascal_context", "nyud", "davis2017", "voc2012", "classification")
 _FORMAT_CODE = {name: code for code, name in enumerate(FORMATS)}
-# bump when the generated data changes: cached embedded data of older versions is not reused
+# bump a format's version when what it writes changes: a cached set is named after the newest version among its
+# formats (data_version), so sets without the changed format keep their cache
 # (7: v6's PASCAL LabelMap / person-part changes + VOC07-style multi-label lists
 #  voc2012/ImageSets/Main/<class>_{trainval,test}.txt)
-GENERATOR_VERSION = 7
+# (8, coco only: scenes of 2-4 dominant objects side by side, COCO_MAIN_OBJECTS)
+FORMAT_VERSIONS: Dict[str, int] = {**{fmt: 7 for fmt in FORMATS}, "coco": 8}
+GENERATOR_VERSION = max(FORMAT_VERSIONS.values())
 DEFAULT_SIZE = 96
 DEFAULT_NUM = 200
 DEFAULT_SEED = 0
@@ -98,9 +101,17 @@ def _parts_struct(scene, labels: Dict[str, np.ndarray], rng: np.random.Generator
 # --------------------------------------------------------------------------------------------
 # One writer per format: (out folder, index, size, seed, num) -> None. Runs in worker processes.
 # --------------------------------------------------------------------------------------------
+# objects per COCO-format (pretraining) scene: several of the object classes, each at the size of a classification
+# image's object, side by side (the scene-centric premise of the improved recipe: crops of one scene often show
+# different objects, and same-class objects recur across scenes for the kNN positives to find)
+COCO_MAIN_OBJECTS = (2, 4)
+
+
 def _write_coco(out: Path, i: int, size: int, seed: int, num: int) -> None:
     rng = _rng(seed, "coco", i)
-    labels = render_scene(sample_scene(rng, size, _aspect_width(rng, size)))
+    width = _aspect_width(rng, size)
+    main = int(rng.integers(COCO_MAIN_OBJECTS[0], COCO_MAIN_OBJECTS[1] + 1))
+    labels = render_scene(sample_scene(rng, size, width, main_objects=main))
     _save_jpeg(out / "train2017" / f"{i:012d}.jpg", labels["image"])
 
 
@@ -322,6 +333,11 @@ def generate_datasets(
     return out
 
 
+def data_version(formats: Sequence[str]) -> int:
+    """The generator version of a set of formats: the newest among them (the ``v<N>`` of its cache folder)."""
+    return max(FORMAT_VERSIONS[f] for f in formats)
+
+
 def default_cache_dir() -> Path:
     """``$SCENESSL_DATA`` if set, else ``~/.cache/scenessl``."""
     return Path(os.environ.get("SCENESSL_DATA") or Path.home() / ".cache" / "scenessl")
@@ -333,7 +349,7 @@ def ensure_embedded_data(
 ) -> Path:
     """Return the embedded dataset root, generating it on first use.
 
-    The root is ``root`` if given, else ``<cache>/<kind>-v<version>-<size>-<num>-<seed>`` with ``<cache>``
+    The root is ``root`` if given, else ``<cache>/<kind>-v<version>-<size>-<num>-<seed>`` (``data_version``) with ``<cache>``
     from :func:`default_cache_dir`; ``<kind>`` is ``embedded`` for every format (``coco/ pascal_context/ nyud/
     davis2017/ voc2012/ classification/``), ``objects`` for ``formats=("classification",)`` alone (what the
     object-centric pretraining needs: a sixth of the generation time), else the formats joined by ``+``.
@@ -346,7 +362,8 @@ def ensure_embedded_data(
         raise ValueError(f"embedded formats {list(formats)}: expected some of {', '.join(FORMATS)}")
     kind = "embedded" if set(formats) == set(FORMATS) else "objects" if formats == ("classification",) \
         else "+".join(formats)
-    target = Path(root) if root is not None else default_cache_dir() / f"{kind}-v{GENERATOR_VERSION}-{size}-{num}-{seed}"
+    target = Path(root) if root is not None else \
+        default_cache_dir() / f"{kind}-v{data_version(formats)}-{size}-{num}-{seed}"
     if (target / "embedded.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
