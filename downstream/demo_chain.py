@@ -276,11 +276,12 @@ def check_same_run(cfg: DemoConfig, saved: Path) -> None:
     """Refuse to resume a run directory whose finished steps were computed with another configuration."""
     if not saved.is_file():
         return
+    from selfsup.rundir import config_changes, is_harmless
+
     before = yaml_load(saved.read_text(), source=str(saved)) or {}
-    now = to_dict(cfg)
-    changed = sorted(k for k in set(before) | set(now) if k not in RERUN_KEYS and before.get(k) != now.get(k))
+    changed = [c for c in config_changes(to_dict(cfg), before) if not is_harmless(c[0], RERUN_KEYS)]
     if changed:
-        diff = ", ".join(f"{k} {before.get(k, '(absent)')} -> {now.get(k, '(absent)')}" for k in changed[:4])
+        diff = ", ".join(f"{k} {old} -> {new}" for k, old, new in changed[:4])
         raise ConfigError(f"{cfg.output_dir} holds a demo run of another config ({diff}{' ...' if len(changed) > 4 else ''}):"
                           " its finished steps would be reused; pass another --output-dir or remove that folder")
 

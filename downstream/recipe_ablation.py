@@ -110,16 +110,18 @@ def arm_overrides(cfg: RecipeAblationConfig, arm: str, seed: int) -> List[str]:
     return ARMS[arm] + small + [f"train.seed={seed}"] + list(cfg.pretrain_overrides)
 
 
-def _chain(cfg: RecipeAblationConfig, dcfg: DemoConfig) -> Chain:
+def _chain(cfg: RecipeAblationConfig, run_dir: Path, seed: int, pretrain_overrides: List[str]) -> Chain:
+    """The demo chain of one run folder (its resolved config saved there as demo_config.yaml)."""
+    dcfg = demo_config(cfg, run_dir, seed, pretrain_overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(dcfg, run_dir / "demo_config.yaml")
     return _ScenesChain(dcfg, cfg.scene_images) if cfg.dataset == "scenes" else Chain(dcfg)
 
 
 def run_arm(cfg: RecipeAblationConfig, arm: str, seed: int) -> Dict[str, Any]:
     """Pretrain (or resume) one arm at one seed, export, evaluate; the arm's results and timings."""
     run_dir = Path(cfg.output_dir) / cfg.dataset / arm / f"s{seed}"
-    chain = _chain(cfg, demo_config(cfg, run_dir, seed, arm_overrides(cfg, arm, seed)))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(chain.cfg, run_dir / "demo_config.yaml")
+    chain = _chain(cfg, run_dir, seed, arm_overrides(cfg, arm, seed))
     timing = run_dir / "pretrain_seconds.json"
     chain.pretrain_overrides()  # generates the embedded data on first use: not part of the arm's time
     start = time.perf_counter()
@@ -136,9 +138,7 @@ def run_arm(cfg: RecipeAblationConfig, arm: str, seed: int) -> Dict[str, Any]:
 def run_random(cfg: RecipeAblationConfig, seed: int) -> Dict[str, Any]:
     """The random-init backbone of ``seed`` on the same downstream steps (no pretraining)."""
     run_dir = Path(cfg.output_dir) / cfg.dataset / "random" / f"s{seed}"
-    chain = _chain(cfg, demo_config(cfg, run_dir, seed, []))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(chain.cfg, run_dir / "demo_config.yaml")
+    chain = _chain(cfg, run_dir, seed, [])
     return {"results": {step: getattr(chain, step)("random", "none") for step in cfg.steps}}
 
 

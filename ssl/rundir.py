@@ -224,6 +224,13 @@ def is_harmless(key: str, harmless: Iterable[str]) -> bool:
     return any(key == h or key.startswith(h + ".") for h in harmless)
 
 
+def config_changes(new: Mapping[str, Any], old: Mapping[str, Any]) -> List[Change]:
+    """Every (flattened key, old value, new value) that differs between two configs, ``<absent>`` for a missing key."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
 def check_resume_config(new: Mapping[str, Any], old: Mapping[str, Any], *, harmless: Iterable[str],
                         allow_change: bool, checkpoint: Union[str, Path]) -> List[Change]:
     """The differences between a checkpoint's config ``old`` and the new one; raise on trajectory changes.
@@ -231,9 +238,7 @@ def check_resume_config(new: Mapping[str, Any], old: Mapping[str, Any], *, harml
     Returns every difference (harmless ones, and all of them when ``allow_change``) for the caller to log.
     """
     harmless = tuple(harmless)
-    a, b = flatten(old), flatten(new)
-    changes = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-               if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    changes = config_changes(new, old)
     blocking = [c for c in changes if not is_harmless(c[0], harmless)]
     if blocking and not allow_change:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in blocking)

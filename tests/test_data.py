@@ -265,15 +265,13 @@ def test_ensure_embedded_data_one_format(tmp_path, monkeypatch):
 def test_coco_scenes_hold_several_dominant_objects_of_the_object_classes():
     """The scene-centric premise (COCO-format pretraining images): 2-4 objects each covering a good part of the
     image, side by side, so that two half-image crops often show different objects; their classes vary."""
-    from selfsup.data.scenes import render_scene, sample_scene
-    from selfsup.data.synthetic import COCO_MAIN_OBJECTS, _aspect_width, _rng
+    from selfsup.data.scenes import render_scene
+    from selfsup.data.synthetic import coco_scene
 
     counts, classes, left_right_differ = [], set(), 0
     for i in range(40):
-        rng = _rng(0, "coco", i)
-        width = _aspect_width(rng, 96)
-        main = int(rng.integers(COCO_MAIN_OBJECTS[0], COCO_MAIN_OBJECTS[1] + 1))
-        scene = sample_scene(rng, 96, width, main_objects=main)
+        scene = coco_scene(0, i, 96)
+        width = scene.width
         labels = render_scene(scene)
         ids, areas = np.unique(labels["object_id"], return_counts=True)
         big = [k for k, a in zip(ids, areas) if k > 0 and a >= 0.03 * labels["object_id"].size]

@@ -107,11 +107,16 @@ def _parts_struct(scene, labels: Dict[str, np.ndarray], rng: np.random.Generator
 COCO_MAIN_OBJECTS = (2, 4)
 
 
-def _write_coco(out: Path, i: int, size: int, seed: int, num: int) -> None:
+def coco_scene(seed: int, i: int, size: int):
+    """The scene of COCO-format image ``i``: 2-4 dominant objects side by side (``COCO_MAIN_OBJECTS``)."""
     rng = _rng(seed, "coco", i)
     width = _aspect_width(rng, size)
     main = int(rng.integers(COCO_MAIN_OBJECTS[0], COCO_MAIN_OBJECTS[1] + 1))
-    labels = render_scene(sample_scene(rng, size, width, main_objects=main))
+    return sample_scene(rng, size, width, main_objects=main)
+
+
+def _write_coco(out: Path, i: int, size: int, seed: int, num: int) -> None:
+    labels = render_scene(coco_scene(seed, i, size))
     _save_jpeg(out / "train2017" / f"{i:012d}.jpg", labels["image"])
 
 
