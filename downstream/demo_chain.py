@@ -21,12 +21,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from selfsup.config import ConfigError, check_counts, load_config, save_config, to_dict, yaml_load
-from selfsup.data.synthetic import DAVIS_IMAGES_PER_VIDEO
+from selfsup.data.synthetic import DAVIS_IMAGES_PER_VIDEO, train_count
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +56,10 @@ class DemoConfig:
     # DAVIS-2017 videos of 24 frames (2/3 train, the rest val: 12 val sequences with 1-3 objects each): with
     # the generator's default (8 videos, 3 val sequences, 7 objects) one random-init backbone swung J&F by 6.6
     davis_videos: int = 36
+    # NYUD-format val images (NYUD-v2 has 654): the set is generated with enough images for them, and the
+    # fine-tuning still trains on the first train_count(data_num) (110 at 200). With the 90 val images of
+    # data_num 200 the val sample alone moved the depth gain by +-0.03 m (docs/benchmarks.md). 0 = data_num's split
+    nyud_val_images: int = 654
     threads: int = 0  # torch threads (0: leave as is)
     # spread per row: max - min of the paired gain over >= 3 replicates (pretraining, downstream, data seed), offline
     spread: Dict[str, float] = field(default_factory=dict)
@@ -63,7 +67,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_counts(self, "", positive=("probe_epochs", "probe_size", "probe_images", "retrieval_fit_stride",
-                                         "data_size", "data_num", "davis_videos"), non_negative=("threads",))
+                                         "data_size", "data_num", "davis_videos"), non_negative=("threads", "nyud_val_images"))
         unknown = [s for s in self.steps if s not in STEPS]
         if unknown:
             raise ValueError(f"steps: unknown {', '.join(unknown)}; known: {', '.join(STEPS)}")
@@ -96,6 +100,16 @@ ROWS = [
     Row("DAVIS-2017 propagation", "J&F %", True, _get("davis", "J&F-Mean")),
     Row("VOC segment retrieval", "mIoU %", True, _get("retrieval", "miou_21")),
 ]
+
+
+def nyud_split(cfg: DemoConfig) -> Tuple[int, int, int]:
+    """(images written, train images, val images) of the demo's NYUD-format set: the train split of ``data_num``
+    images, and ``nyud_val_images`` val images from a set written large enough for them (0: data_num's split)."""
+    n_train = train_count("nyud", cfg.data_num)
+    n = cfg.data_num
+    while n - train_count("nyud", n) < cfg.nyud_val_images:
+        n += 1
+    return n, n_train, (cfg.nyud_val_images or n - n_train)
 
 
 def load_demo_config(yaml_path: Optional[str], overrides: List[str]) -> DemoConfig:
@@ -135,8 +149,8 @@ class Chain:
         """The embedded ``fmt`` folder at this demo's data seed and size (generated on first use)."""
         from selfsup.data import ensure_embedded_data
 
-        num = {"classification": self.cfg.probe_images, "davis2017": DAVIS_IMAGES_PER_VIDEO * self.cfg.davis_videos
-               }.get(fmt, self.cfg.data_num)
+        num = {"classification": self.cfg.probe_images, "davis2017": DAVIS_IMAGES_PER_VIDEO * self.cfg.davis_videos,
+               "nyud": nyud_split(self.cfg)[0]}.get(fmt, self.cfg.data_num)
         root = ensure_embedded_data(size=self.cfg.data_size, num=num, seed=self.cfg.data_seed, formats=(fmt,))
         return str(root / fmt)
 
@@ -193,7 +207,9 @@ class Chain:
         def compute() -> Dict[str, Any]:
             run_dir = self.out / arm / "finetune"
             overrides = [f"model.backbone={self.arch()}", f"seed={self.cfg.seed}", f"output_dir={run_dir}",
-                         f"model.weights={weights}", f"data.root={self.data('nyud')}"] + list(self.cfg.finetune_overrides)
+                         f"model.weights={weights}", f"data.root={self.data('nyud')}"]
+            _, n_train, n_val = nyud_split(self.cfg)
+            overrides += [f"data.max_train_images={n_train}", f"data.max_val_images={n_val}"] + list(self.cfg.finetune_overrides)
             print(f"python downstream/finetune_mtl.py --config {self.cfg.finetune_config} {' '.join(overrides)}",
                   flush=True)
             mcfg = load_config(MTLConfig, yaml_path=repo_path(self.cfg.finetune_config), overrides=overrides)

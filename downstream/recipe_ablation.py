@@ -23,7 +23,9 @@ embedded COCO-format scenes (``scene_images`` of them); the kNN monitor and the 
 Everything lands in ``output_dir``: ``<dataset>/<arm>/s<seed>/`` (the demo chain's folders: pretraining run with
 its TensorBoard events, exported backbone, one JSON per step), ``<dataset>/random/s<seed>/``, and
 ``<dataset>/config.yaml`` and ``<dataset>/ablation.{json,md,png}`` (the table and the kNN-monitor curves of all arms). A rerun resumes:
-pretraining from its checkpoint, finished steps read back.
+pretraining from its checkpoint, finished steps read back. A finished run needs none of its checkpoints: with
+every step's JSON and ``pretrain/pretrain.json`` in its folder it is read back as it is, so the folders of a
+sweep can be kept (or copied between machines) without the ``*.pth`` files.
 """
 from __future__ import annotations
 
@@ -118,18 +120,28 @@ def _chain(cfg: RecipeAblationConfig, run_dir: Path, seed: int, pretrain_overrid
     return _ScenesChain(dcfg, cfg.scene_images) if cfg.dataset == "scenes" else Chain(dcfg)
 
 
+def finished(run_dir: Path, steps: List[str]) -> bool:
+    """Whether an arm's run folder holds its pretraining record and every step's result, so that it is read back
+    without its checkpoints (``checkpoint.pth`` and the exported backbone are the only large files of a run)."""
+    return (run_dir / "pretrain" / "pretrain.json").is_file() and all(
+        (run_dir / "pretrained" / f"{step}.json").is_file() for step in steps)
+
+
 def run_arm(cfg: RecipeAblationConfig, arm: str, seed: int) -> Dict[str, Any]:
     """Pretrain (or resume) one arm at one seed, export, evaluate; the arm's results and timings."""
     run_dir = Path(cfg.output_dir) / cfg.dataset / arm / f"s{seed}"
     chain = _chain(cfg, run_dir, seed, arm_overrides(cfg, arm, seed))
     timing = run_dir / "pretrain_seconds.json"
-    chain.pretrain_overrides()  # generates the embedded data on first use: not part of the arm's time
-    start = time.perf_counter()
-    checkpoint = chain.pretrain()
-    if "pretrain" in chain.timings:  # pretrained in this call (a resumed run adds to what the last call measured)
-        before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
-        timing.write_text(json.dumps({"seconds": before + time.perf_counter() - start}))
-    weights = str(chain.export(checkpoint))
+    if finished(run_dir, cfg.steps):  # results only: its checkpoints may be gone (deleted, or archived elsewhere)
+        weights = "none"
+    else:
+        chain.pretrain_overrides()  # generates the embedded data on first use: not part of the arm's time
+        start = time.perf_counter()
+        checkpoint = chain.pretrain()
+        if "pretrain" in chain.timings:  # pretrained in this call (a resumed run adds to what the last call measured)
+            before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+            timing.write_text(json.dumps({"seconds": before + time.perf_counter() - start}))
+        weights = str(chain.export(checkpoint))
     results = {step: getattr(chain, step)("pretrained", weights) for step in cfg.steps}
     return {"results": results, "monitor": chain.pretrain_monitor(),
             "pretrain_seconds": json.loads(timing.read_text())["seconds"] if timing.is_file() else None}

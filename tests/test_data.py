@@ -19,6 +19,7 @@ from downstream.datasets import NYUDMT, PascalContextMT
 from downstream.datasets import mt_transforms as T
 from selfsup.data.labels import voc_palette
 from selfsup.data.scenes import MAX_WALL_DEPTH_M
+from selfsup.data.synthetic import NYUD_WALL_DEPTH_M
 from selfsup.data.preview import save_sample_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +72,13 @@ def test_nyud_sample(data_root):
     raw = np.array(Image.open(ds.label_path("semseg", s["meta"]["id"])))
     assert torch.equal(s["semseg"], torch.from_numpy(np.where(raw == 0, 255, raw.astype(np.int64) - 1)))
     assert s["depth"].shape == (1, H, W) and s["depth"].min() >= 0 and 0.5 < s["depth"].max() < 100
-    # indoor range, as NYUD's Kinect: no pixel of any image lies beyond the back wall's maximum distance
-    far = max(float(ds[i]["depth"].max()) for i in range(len(ds)))
-    assert 2.0 < far <= MAX_WALL_DEPTH_M + 1e-3
+    # NYUD's rooms: every image's farthest pixel is its back wall, 3-6 m away (the clamp that keeps a visible
+    # floor can only push a wall back, and at most to 6 m at this camera's range); the other formats' walls go
+    # to MAX_WALL_DEPTH_M
+    far = [float(ds[i]["depth"].max()) for i in range(len(ds))]
+    lo, hi = NYUD_WALL_DEPTH_M
+    assert all(lo - 1e-3 <= d <= hi + 1e-3 for d in far), far
+    assert max(far) - min(far) > 0.3 * (hi - lo) and hi < MAX_WALL_DEPTH_M  # rooms differ in depth
     depth_valid, normal_valid = s["depth"][0] > 0, s["normals"].norm(dim=0) > 0
     assert torch.equal(depth_valid, normal_valid)
     assert s["edge"].shape == (1, H, W)

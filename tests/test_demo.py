@@ -4,7 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from downstream.demo_chain import DemoConfig, ROWS, load_demo_config, run_demo, summarise, write_summary
+from downstream.demo_chain import DemoConfig, ROWS, load_demo_config, nyud_split, run_demo, summarise, write_summary
+from selfsup.data.synthetic import train_count
 
 
 def _results(semseg, depth, knn):
@@ -30,6 +31,19 @@ def test_summary_rows_wins_and_files(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| NYUD semseg (MTL baseline) | mIoU % ↑ | 15 | 14.8 | +0.2 | 0.5 | NO |" in md and "22.9% at init" in md
     assert Image.open(tmp_path / "summary.png").size[0] == 190 * 4
+
+
+def test_nyud_split_trains_on_data_num_and_evaluates_on_654_val_images():
+    """The NYUD-format set is written large enough for NYUD-v2's 654 val images; the fine-tuning still trains on
+    the train split of data_num images (the first ids, the same images for any set size)."""
+    for data_num in (50, 200, 300):
+        written, n_train, n_val = nyud_split(DemoConfig(data_num=data_num))
+        assert n_train == train_count("nyud", data_num) and n_val == 654
+        assert written - train_count("nyud", written) >= 654 > written - 1 - train_count("nyud", written - 1)
+        assert train_count("nyud", written) >= n_train
+    assert nyud_split(DemoConfig(data_num=200, nyud_val_images=0)) == (200, 110, 90)  # data_num's own split
+    with pytest.raises(ValueError, match="nyud_val_images"):
+        DemoConfig(nyud_val_images=-1)
 
 
 def test_demo_config_rejects_unknown_keys_and_steps(repo):

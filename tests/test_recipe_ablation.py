@@ -80,6 +80,17 @@ def test_ablation_runs_every_arm_and_seed_writes_the_table_and_resumes(tmp_path,
     assert [p.stat().st_mtime_ns for p in ck] == stamps
     assert again["arms"]["knn"]["rows"] == arms["knn"]["rows"]
 
+    # finished runs need no checkpoints: without any *.pth the folders are read back as they are
+    weights = list(out.rglob("*.pth"))
+    assert len(weights) >= 8  # per arm and seed: the pretraining checkpoint and the exported backbone
+    for p in weights:
+        p.unlink()
+    capsys.readouterr()
+    kept = run_ablation(cfg)
+    printed = capsys.readouterr().out
+    assert "== pretrain:" not in printed and "== export:" not in printed and not list(out.rglob("*.pth"))
+    assert kept["arms"] == again["arms"] and kept["gains"] == again["gains"]
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # ~25 s on an idle 2-core machine

@@ -120,6 +120,7 @@ def _make_object(rng: np.random.Generator, cls: int, x: float, base: float) -> S
 def sample_scene(
     rng: np.random.Generator, height: int, width: int, *, num_objects: Tuple[int, int] = (3, 7),
     main_class: Optional[int] = None, person_prob: float = 0.45, moving: int = 0, main_objects: int = 0,
+    wall_depth_m: Optional[Tuple[float, float]] = None,
 ) -> Scene:
     """Sample a scene description.
 
@@ -136,6 +137,10 @@ def sample_scene(
     # foot where the sampled row would put it further
     wall_row = max(rng.uniform(0.35, 0.55) * height, horizon + focal * cam_height / MAX_WALL_DEPTH_M)
     wall_depth = focal * cam_height / (wall_row - horizon)
+    if wall_depth_m is not None:  # a room of that depth range: the wall's foot follows from its distance, and
+        # stays in the top 80% of the image (a visible floor for the objects to stand on)
+        wall_depth = max(rng.uniform(*wall_depth_m), focal * cam_height / (0.8 * height - horizon))
+        wall_row = horizon + focal * cam_height / wall_depth
     light = _unit(np.array([rng.uniform(-0.7, 0.7), rng.uniform(0.3, 1.0), rng.uniform(0.4, 1.0)]))
     # rooms come from a few shared styles (as real scenes share floors and walls), so the background
     # does not identify an image: telling images apart needs the objects
