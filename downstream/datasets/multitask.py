@@ -14,7 +14,7 @@ Only the requested ``tasks`` are loaded. ``transform`` (mt_transforms) maps the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,10 +25,12 @@ from selfsup.data.preview import save_sample_grid
 
 
 class MultiTaskDataset(Dataset):
-    """Subclasses set ``TASKS`` and implement ``split_file``, ``image_path``, ``label_path`` and
-    ``load_label`` (returning numpy arrays [H,W] or [H,W,C])."""
+    """Subclasses set ``TASKS`` and ``LABEL_FILES`` (task -> (folder, extension) under the root: the label of a
+    sample is ``<folder>/<id><extension>``) and implement ``split_file``, ``image_path`` and ``load_label``
+    (returning numpy arrays [H,W] or [H,W,C])."""
 
     TASKS: Sequence[str] = ()
+    LABEL_FILES: Mapping[str, Tuple[str, str]] = {}
 
     def __init__(self, root: Path, split: str, tasks: Optional[Sequence[str]], transform: Optional[Callable]) -> None:
         self.root = Path(root)
@@ -57,7 +59,8 @@ class MultiTaskDataset(Dataset):
         raise NotImplementedError
 
     def label_path(self, task: str, sample_id: str) -> Path:
-        raise NotImplementedError
+        folder, ext = self.LABEL_FILES[task]
+        return self.root / folder / f"{sample_id}{ext}"
 
     def load_label(self, task: str, sample_id: str) -> np.ndarray:
         raise NotImplementedError

@@ -33,6 +33,7 @@ class NYUDMT(MultiTaskDataset):
     """NYUD-v2 multi-task dataset; samples as documented in ``multitask.py``."""
 
     TASKS = ("semseg", "depth", "normals", "edge")
+    LABEL_FILES = _FILES
 
     def __init__(self, root: Optional[Union[str, Path]] = None, *, split: str = "train",
                  tasks: Optional[Sequence[str]] = None, transform: Optional[Callable] = None) -> None:
@@ -43,10 +44,6 @@ class NYUDMT(MultiTaskDataset):
 
     def image_path(self, sample_id: str) -> Path:
         return self.root / "images" / f"{sample_id}.jpg"
-
-    def label_path(self, task: str, sample_id: str) -> Path:
-        folder, ext = _FILES[task]
-        return self.root / folder / f"{sample_id}{ext}"
 
     def load_label(self, task: str, sample_id: str) -> np.ndarray:
         path = self.label_path(task, sample_id)

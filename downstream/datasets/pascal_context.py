@@ -88,6 +88,7 @@ class PascalContextMT(MultiTaskDataset):
     """PASCAL-Context multi-task dataset; samples as documented in ``multitask.py``."""
 
     TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
+    LABEL_FILES = _FILES
 
     def __init__(self, root: Optional[Union[str, Path]] = None, *, split: str = "train",
                  tasks: Optional[Sequence[str]] = None, transform: Optional[Callable] = None) -> None:
@@ -98,10 +99,6 @@ class PascalContextMT(MultiTaskDataset):
 
     def image_path(self, sample_id: str) -> Path:
         return self.root / "JPEGImages" / f"{sample_id}.jpg"
-
-    def label_path(self, task: str, sample_id: str) -> Path:
-        folder, ext = _FILES[task]
-        return self.root / folder / f"{sample_id}{ext}"
 
     def load_label(self, task: str, sample_id: str) -> np.ndarray:
         path = self.label_path(task, sample_id)
