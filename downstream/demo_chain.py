@@ -130,8 +130,15 @@ class Chain:
         self.out = Path(cfg.output_dir)
         self.timings: Dict[str, float] = {}
 
+    def result_path(self, name: str, arm: str) -> Path:
+        return self.out / arm / f"{name}.json"
+
+    def pretrain_record(self) -> Path:
+        """Written when the pretraining finished: its kNN-monitor history (``pretrain_monitor``)."""
+        return self.out / "pretrain" / "pretrain.json"
+
     def cached(self, name: str, arm: str, compute: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-        path = self.out / arm / f"{name}.json"
+        path = self.result_path(name, arm)
         if path.is_file():
             print(f"== {name} ({arm}): done before, read {path}", flush=True)
             return json.loads(path.read_text())
@@ -171,7 +178,7 @@ class Chain:
         run_dir = self.out / "pretrain"
         pcfg = load_config(PretrainConfig, yaml_path=repo_path(self.cfg.pretrain_config),
                            overrides=self.pretrain_overrides() + [f"output_dir={run_dir}"])
-        done = run_dir / "pretrain.json"
+        done = self.pretrain_record()
         if not done.is_file() and "pretrain" in self.cfg.steps:
             print(f"\n== pretrain: python launch/pretrain.py --config {self.cfg.pretrain_config} --output-dir {run_dir}"
                   f"{''.join(' ' + o for o in self.cfg.pretrain_overrides)}", flush=True)
@@ -182,7 +189,7 @@ class Chain:
         return run_dir / "checkpoint.pth"
 
     def pretrain_monitor(self) -> List[Dict[str, float]]:
-        done = self.out / "pretrain" / "pretrain.json"
+        done = self.pretrain_record()
         return json.loads(done.read_text())["knn"] if done.is_file() else []
 
     def export(self, checkpoint: Path) -> Path:

@@ -120,11 +120,10 @@ def _chain(cfg: RecipeAblationConfig, run_dir: Path, seed: int, pretrain_overrid
     return _ScenesChain(dcfg, cfg.scene_images) if cfg.dataset == "scenes" else Chain(dcfg)
 
 
-def finished(run_dir: Path, steps: List[str]) -> bool:
+def finished(chain: Chain, steps: List[str]) -> bool:
     """Whether an arm's run folder holds its pretraining record and every step's result, so that it is read back
     without its checkpoints (``checkpoint.pth`` and the exported backbone are the only large files of a run)."""
-    return (run_dir / "pretrain" / "pretrain.json").is_file() and all(
-        (run_dir / "pretrained" / f"{step}.json").is_file() for step in steps)
+    return chain.pretrain_record().is_file() and all(chain.result_path(s, "pretrained").is_file() for s in steps)
 
 
 def run_arm(cfg: RecipeAblationConfig, arm: str, seed: int) -> Dict[str, Any]:
@@ -132,7 +131,7 @@ def run_arm(cfg: RecipeAblationConfig, arm: str, seed: int) -> Dict[str, Any]:
     run_dir = Path(cfg.output_dir) / cfg.dataset / arm / f"s{seed}"
     chain = _chain(cfg, run_dir, seed, arm_overrides(cfg, arm, seed))
     timing = run_dir / "pretrain_seconds.json"
-    if finished(run_dir, cfg.steps):  # results only: its checkpoints may be gone (deleted, or archived elsewhere)
+    if finished(chain, cfg.steps):  # results only: its checkpoints may be gone (deleted, or archived elsewhere)
         weights = "none"
     else:
         chain.pretrain_overrides()  # generates the embedded data on first use: not part of the arm's time
