@@ -293,6 +293,8 @@ def compare_chart(table: Dict[str, Any], path: Path) -> None:
         draw.rectangle([min(x_of(0), x_of(mean)), y + 4, max(x_of(0), x_of(mean)), y + bar_h - 4], fill=colour)
         cy = y + bar_h // 2
         draw.line([x_of(min(deltas)), cy, x_of(max(deltas)), cy], fill="black", width=2)
+        for v in (min(deltas), max(deltas)):  # end caps: a whisker of one seed is a tick, not nothing
+            draw.line([x_of(v), cy - 4, x_of(v), cy + 4], fill="black", width=2)
         draw.text((max(x_of(0), x_of(mean), x_of(max(deltas))) + 4, y + 5), f"{mean:+.2f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -346,7 +348,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     o.add_argument("--same-budget", action="store_true", help="the compare subcommand's small model (resnet_small, 32/32/16)")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     o.add_argument("--output", help="write the rows as JSON here")
-    c = sub.add_parser("compare", help="Δ_MTL of the MTL baseline with each balancer vs the single-task models")
+    c = sub.add_parser("compare", help="Δ_MTL of the MTL baseline (or each --models architecture) with each balancer vs the single-task models")
     c.add_argument("--dataset", default="nyud", choices=sorted(DATASETS))
     c.add_argument("--tasks", nargs="+", help="main tasks (default: nyud semseg depth; pascal_context semseg sal normals)")
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -82,6 +82,30 @@ TINY_PRETRAIN = [
 ]
 
 
+# A fine-tuning run of two iterations on a few images of the embedded data (finetune_mtl.py's YAML); tests
+# change it with tiny_mtl_yaml(section={key: value}), None removing a key.
+TINY_MTL = {
+    "epochs": 1, "max_iters_per_epoch": 2, "progress": False,
+    "data": {"batch_size": 4, "eval_batch_size": 4, "num_workers": 0, "max_train_images": 8, "max_val_images": 4},
+    "model": {"backbone": "resnet_tiny", "fpn_channels": 16, "head_channels": 16, "task_channels": 8,
+              "widths": "narrow"},
+}
+
+
+def tiny_mtl_yaml(**changes) -> str:
+    import yaml
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_MTL.items()}
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            section = cfg.setdefault(key, {})
+            section.update(value)
+            for k in [k for k, v in value.items() if v is None]:
+                del section[k]
+        else:
+            cfg[key] = value
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
 @pytest.fixture(scope="session")
 def objects_moco_run(tmp_path_factory, _hermetic_data_cache):
     """configs/pretrain/demo_objects.yaml for 30 epochs on the embedded object images (~5 min on 2 cores with the

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_mtl_yaml
 from downstream.mtl.affinity import principal_eigenvector, rdm, rsa_affinity, spearman, tournament_matrix, transfer_affinity
 from downstream.mtl.branched import component_sizes, pooling_above
 from downstream.mtl.flops import count_flops, count_parameters
@@ -210,24 +211,8 @@ def test_bad_tree_is_rejected(tree, match):
         build_model("branched", tasks=PASCAL3, branching=tree, **TINY)
 
 
-TINY_RUN = """
-epochs: 1
-max_iters_per_epoch: 2
-progress: false
-vis_every: 0
-data:
-  dataset: pascal_context
-  tasks: [semseg, sal]
-  batch_size: 4
-  eval_batch_size: 4
-  num_workers: 0
-  max_train_images: 8
-  max_val_images: 4
-model:
-  backbone: resnet_tiny
-  fpn_channels: 16
-  head_channels: 16
-"""
+TINY_RUN = tiny_mtl_yaml(vis_every=0, data={"dataset": "pascal_context", "tasks": ["semseg", "sal"]},
+                         model={"task_channels": None, "widths": None})
 
 
 @pytest.mark.slow

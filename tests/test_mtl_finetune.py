@@ -8,27 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_mtl_yaml
 from selfsup.backbones import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "downstream" / "finetune_mtl.py"
-TINY = """
-epochs: 1
-max_iters_per_epoch: 2
-progress: false
-data:
-  batch_size: 4
-  eval_batch_size: 4
-  num_workers: 0
-  max_train_images: 8
-  max_val_images: 4
-model:
-  backbone: resnet_tiny
-  fpn_channels: 16
-  head_channels: 16
-  task_channels: 8
-  widths: narrow
-"""
+TINY = tiny_mtl_yaml()
 
 
 def _config(tmp_path) -> Path:
