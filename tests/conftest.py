@@ -93,16 +93,19 @@ TINY_MTL = {
 
 
 def tiny_mtl_yaml(**changes) -> str:
+    import copy
     import yaml
-    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_MTL.items()}
+    cfg = copy.deepcopy(TINY_MTL)
     for key, value in changes.items():
-        if isinstance(value, dict):
-            section = cfg.setdefault(key, {})
-            section.update(value)
-            for k in [k for k, v in value.items() if v is None]:
-                del section[k]
-        else:
+        if not isinstance(value, dict):
             cfg[key] = value
+            continue
+        section = cfg.setdefault(key, {})
+        for k, v in value.items():
+            if v is None:
+                del section[k]
+            else:
+                section[k] = v
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
