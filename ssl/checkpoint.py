@@ -2,7 +2,8 @@
 
 A training checkpoint is one self-describing dict, e.g.
 ``{'epoch', 'step', 'arch', 'model', 'optimizer', 'scaler', 'config', 'rng', ...}``.
-Saves are atomic: written to a temporary file in the same folder, fsynced, then renamed.
+Saves are atomic: written to a temporary file in the same folder, fsynced, then renamed; a preemption signal
+that arrives meanwhile is handled after the rename (:func:`selfsup.preemption.signals_deferred`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+
+from selfsup.preemption import signals_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +96,16 @@ def atomic_write(path: PathLike, write: Any, *, what: str = "checkpoint", size_h
     writer: Optional[_CheckedWriter] = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            writer = _CheckedWriter(fd)
-            write(writer)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
+        with signals_deferred():  # a preemption signal mid-write waits for the rename
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                writer = _CheckedWriter(fd)
+                write(writer)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            tmp = None
     except BaseException as err:
         written = writer.written if writer is not None else 0
         full = (_free_bytes(path.parent) or 0) < 64 * 1024  # (before the temporary file is removed)

@@ -8,8 +8,11 @@ Rerunning the same command resumes bit-exactly from that step.
 
 - Only signals whose handler is the default are taken: under submitit (``--slurm``) SIGTERM stays submitit's,
   and its preemption signal (USR2) requeues the job as before (docs/slurm.md).
-- A second signal while the checkpoint is being written ends the process at once (the default action); the
-  previous checkpoint survives (saves are atomic).
+- Every checkpoint write holds :func:`signals_deferred`: a termination signal that arrives mid-write (ours,
+  submitit's USR2/SIGTERM, SLURM's) reaches its handler once the file is complete and renamed, so a
+  preemption never turns a save into a failed write. A second signal of the same kind during the write ends
+  the process at once (its handler or the default action); the previous checkpoint survives (saves are
+  atomic).
 - Forked children (data loader workers) get the default handlers back, so they still end on SIGTERM.
 - Several processes (``WORLD_SIZE > 1``): the ranks agree on stopping every :data:`SYNC_EVERY` steps (one
   all-reduce of a flag), so all of them save and stop at the same step.
@@ -21,13 +24,15 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger(__name__)
 
 EXIT_CODE = 75  # os.EX_TEMPFAIL
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 SYNC_EVERY = 10
+# held back while a checkpoint is written: ours, submitit's preemption signal (USR2) and SLURM's SIGTERM
+DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 _INSTALLED: Dict[int, Any] = {}  # signal -> the handler it replaced, while a PreemptionHandler is active
 
@@ -40,6 +45,53 @@ def _defaults_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_defaults_in_child)
+
+
+class signals_deferred:
+    """Hold :data:`DEFERRED_SIGNALS` back for the duration of a ``with`` block (a checkpoint write).
+
+    A signal that arrives inside the block is recorded and, when the block ends, its original handler is put
+    back and the signal raised again, so the handler (a preemption flag, submitit's requeue-and-exit, the
+    default termination) runs once the write is complete. A second signal of the same number inside the block
+    is not held: the original handler runs at once. Signals whose handler is ``SIG_IGN`` are left alone;
+    outside the main thread, and when nested, the block changes nothing."""
+
+    _depth = 0
+
+    def __init__(self) -> None:
+        self.saved: Dict[int, Any] = {}
+        self.pending: List[int] = []
+        self.active = False
+
+    def __enter__(self) -> "signals_deferred":
+        if threading.current_thread() is not threading.main_thread() or signals_deferred._depth:
+            return self
+        signals_deferred._depth, self.active = signals_deferred._depth + 1, True
+        for signum in DEFERRED_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler not in (signal.SIG_IGN, None):
+                self.saved[signum] = handler
+                signal.signal(signum, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        if signum not in self.pending:
+            self.pending.append(signum)
+            return
+        self.pending.remove(signum)  # a second one: no more waiting
+        signal.signal(signum, self.saved.pop(signum))
+        signal.raise_signal(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.active:
+            return
+        signals_deferred._depth, self.active = signals_deferred._depth - 1, False
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)
+        self.saved.clear()
+        for signum in self.pending:
+            signal.raise_signal(signum)
+        self.pending.clear()
 
 
 class Preempted(SystemExit):

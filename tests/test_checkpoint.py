@@ -1,3 +1,4 @@
+import os
 import pickle
 import signal
 import subprocess
@@ -47,6 +48,85 @@ while True:
         proc.kill()
     state = ckpt.load_checkpoint(path)  # the last complete checkpoint still loads
     assert state["version"] >= 0
+
+
+class _Requeued(Exception):
+    """What a preemption handler raises (submitit's requeues the job, then exits)."""
+
+
+def _write_with_signals(path, *signums):
+    """atomic_write of b'new' * 1000 that sends itself ``signums`` after the first half."""
+    def write(f):
+        f.write(b"new" * 500)
+        for signum in signums:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.01)  # (the handler runs at the next bytecode)
+        f.write(b"new" * 500)
+    return ckpt.atomic_write(path, write)
+
+
+@pytest.fixture
+def requeue_handler():
+    """SIGUSR1 -> raise _Requeued (as submitit's handler raises SystemExit); the old handler back afterwards."""
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise _Requeued(signum)
+    old = signal.signal(signal.SIGUSR1, handler)
+    yield handler, calls
+    signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_preemption_signal_mid_write_is_handled_after_the_rename(tmp_path, requeue_handler):
+    """The signal waits for the write: the new file is complete and in place when the handler runs."""
+    handler, calls = requeue_handler
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(b"old")
+    with pytest.raises(_Requeued):
+        _write_with_signals(path, signal.SIGUSR1)
+    assert calls == [signal.SIGUSR1]
+    assert path.read_bytes() == b"new" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert signal.getsignal(signal.SIGUSR1) is handler  # the handler is back
+
+
+def test_a_second_signal_mid_write_is_handled_at_once(tmp_path, requeue_handler):
+    """Two signals of one kind: no more waiting; the write stops and the previous file is intact."""
+    handler, calls = requeue_handler
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(b"old")
+    with pytest.raises(_Requeued):
+        _write_with_signals(path, signal.SIGUSR1, signal.SIGUSR1)
+    assert calls == [signal.SIGUSR1]
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert signal.getsignal(signal.SIGUSR1) is handler
+
+
+def test_sigterm_mid_save_ends_the_process_after_the_save(tmp_path):
+    """SIGTERM with its default action during torch.save: the process ends once the new checkpoint is in place."""
+    path = tmp_path / "checkpoint.pth"
+    ckpt.save_checkpoint({"version": 0}, path)
+    code = f"""
+import os, signal, torch
+from selfsup import checkpoint as ckpt
+
+real = ckpt._CheckedWriter.write
+def write(self, data):
+    if self.written > 0 and not getattr(self, 'sent', False):
+        self.sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, data)
+ckpt._CheckedWriter.write = write
+ckpt.save_checkpoint({{'version': 1, 'w': torch.randn(100000)}}, {str(path)!r})
+print('not reached')
+"""
+    proc = subprocess.run([PYTHON, "-c", code], env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert "not reached" not in proc.stdout
+    assert ckpt.load_checkpoint(path)["version"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "backbone.", "module.encoder_q.", "encoder_q.backbone.",

@@ -114,8 +114,12 @@ def test_moco_step_keeps_loss_and_gradients():
     loss_ref.backward()
     assert abs(out["loss"].item() - loss_ref.item()) < 1e-6 and "loss_nn" in out
     assert torch.allclose(keys, k_ref, atol=1e-6) and torch.allclose(g_keys, g_ref, atol=1e-6)
+    # Relative to each gradient's largest entry: back through the encoder the fp32 rounding of another
+    # summation order reaches ~1e-5 of that on some CPUs (CI saw conv1: 0.13052 vs 0.13051); a wrong
+    # positive, queue row or permutation moves the gradients by far more than 1e-4 of it (1e-6 absolute: the
+    # bias before a BN, whose gradient is 0 up to rounding).
     for (name, p), p_ref in zip(m.encoder_q.named_parameters(), ref.encoder_q.parameters()):
-        assert torch.allclose(p.grad, p_ref.grad, atol=1e-6, rtol=1e-5), name
+        assert (p.grad - p_ref.grad).abs().max() <= 1e-4 * p_ref.grad.abs().max() + 1e-6, name
 
 
 def test_queue_logits_in_fp32_under_bf16_autocast(monkeypatch):
