@@ -60,6 +60,9 @@ class DemoConfig:
     # fine-tuning still trains on the first train_count(data_num) (110 at 200). With the 90 val images of
     # data_num 200 the val sample alone moved the depth gain by +-0.03 m (docs/benchmarks.md). 0 = data_num's split
     nyud_val_images: int = 654
+    # fine-tuning runs per arm (seeds seed, seed + 100, ...; each also draws its own random-init backbone): the
+    # NYUD rows are their mean. One run moves the depth gain by about +-0.04 m (docs/benchmarks.md)
+    finetune_runs: int = 1
     threads: int = 0  # torch threads (0: leave as is)
     # spread per row: max - min of the paired gain over >= 3 replicates (pretraining, downstream, data seed), offline
     spread: Dict[str, float] = field(default_factory=dict)
@@ -67,7 +70,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_counts(self, "", positive=("probe_epochs", "probe_size", "probe_images", "retrieval_fit_stride",
-                                         "data_size", "data_num", "davis_videos"), non_negative=("threads", "nyud_val_images"))
+                                         "data_size", "data_num", "davis_videos", "finetune_runs"), non_negative=("threads", "nyud_val_images"))
         unknown = [s for s in self.steps if s not in STEPS]
         if unknown:
             raise ValueError(f"steps: unknown {', '.join(unknown)}; known: {', '.join(STEPS)}")
@@ -122,6 +125,19 @@ def repo_path(p: str) -> Path:
     return path if path.is_absolute() or path.exists() else REPO / path
 
 
+FINETUNE_SEED_STEP = 100  # fine-tuning run k of an arm uses seed + 100 k (finetune_runs)
+
+
+def mean_metrics(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The element-wise mean of nested metric dicts (numbers averaged, other values from the first run)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: mean_metrics([r[k] for r in runs]) if all(k in r for r in runs) else first[k] for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return sum(runs) / len(runs)
+    return first
+
+
 class Chain:
     """The steps of one demo run; each result is cached as ``<out>/<arm>/<step>.json``."""
 
@@ -137,12 +153,13 @@ class Chain:
         """Written when the pretraining finished: its kNN-monitor history (``pretrain_monitor``)."""
         return self.out / "pretrain" / "pretrain.json"
 
-    def cached(self, name: str, arm: str, compute: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    def cached(self, name: str, arm: str, compute: Callable[[], Dict[str, Any]], step: str = "") -> Dict[str, Any]:
+        """``compute()``'s result for ``name`` (a result of ``step``, default ``name``), read back if done before."""
         path = self.result_path(name, arm)
         if path.is_file():
             print(f"== {name} ({arm}): done before, read {path}", flush=True)
             return json.loads(path.read_text())
-        if name not in self.cfg.steps:
+        if (step or name) not in self.cfg.steps:
             return {}
         print(f"\n== {name} ({arm})", flush=True)
         start = time.perf_counter()
@@ -211,9 +228,9 @@ class Chain:
         from downstream.mtl.config import MTLConfig
         from downstream.mtl.train import run_finetune
 
-        def compute() -> Dict[str, Any]:
-            run_dir = self.out / arm / "finetune"
-            overrides = [f"model.backbone={self.arch()}", f"seed={self.cfg.seed}", f"output_dir={run_dir}",
+        def compute(seed: int, name: str) -> Dict[str, Any]:
+            run_dir = self.out / arm / name
+            overrides = [f"model.backbone={self.arch()}", f"seed={seed}", f"output_dir={run_dir}",
                          f"model.weights={weights}", f"data.root={self.data('nyud')}"]
             _, n_train, n_val = nyud_split(self.cfg)
             overrides += [f"data.max_train_images={n_train}", f"data.max_val_images={n_val}"] + list(self.cfg.finetune_overrides)
@@ -221,8 +238,17 @@ class Chain:
                   flush=True)
             mcfg = load_config(MTLConfig, yaml_path=repo_path(self.cfg.finetune_config), overrides=overrides)
             result = run_finetune(mcfg)
-            return {"metrics": result["metrics"], "train_time_s": result["train_time_s"]}
-        return self.cached("finetune", arm, compute)
+            return {"metrics": result["metrics"], "train_time_s": result["train_time_s"], "seed": seed}
+
+        runs = []
+        for k in range(self.cfg.finetune_runs):  # run k: seed + 100 k, in <arm>/finetune (k = 0) or finetune_s<seed>
+            seed = self.cfg.seed + FINETUNE_SEED_STEP * k
+            name = "finetune" if k == 0 else f"finetune_s{seed}"
+            runs.append(self.cached(name, arm, lambda seed=seed, name=name: compute(seed, name), step="finetune"))
+        if len(runs) == 1 or not all(runs):
+            return runs[0]
+        return {"metrics": mean_metrics([r["metrics"] for r in runs]), "runs": runs,
+                "train_time_s": sum(r["train_time_s"] for r in runs)}
 
     def _seeded(self, arm: str) -> None:
         torch.manual_seed(self.cfg.seed)  # the random-init backbone of this seed
@@ -292,7 +318,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
 
 
 # keys that do not change a step's result: a rerun may change them and still read the finished steps back
-RERUN_KEYS = ("output_dir", "steps", "threads", "spread", "spread_command")
+RERUN_KEYS = ("output_dir", "steps", "threads", "spread", "spread_command", "finetune_runs")  # (runs are added or read back)
 
 
 def check_same_run(cfg: DemoConfig, saved: Path) -> None:
