@@ -56,7 +56,7 @@ class signals_deferred:
     is not held: the original handler runs at once. Signals whose handler is ``SIG_IGN`` are left alone;
     outside the main thread, and when nested, the block changes nothing."""
 
-    _depth = 0
+    _holding = False  # a block is active in this process (an inner one changes nothing)
 
     def __init__(self) -> None:
         self.saved: Dict[int, Any] = {}
@@ -64,9 +64,9 @@ class signals_deferred:
         self.active = False
 
     def __enter__(self) -> "signals_deferred":
-        if threading.current_thread() is not threading.main_thread() or signals_deferred._depth:
+        if threading.current_thread() is not threading.main_thread() or signals_deferred._holding:
             return self
-        signals_deferred._depth, self.active = signals_deferred._depth + 1, True
+        signals_deferred._holding = self.active = True
         for signum in DEFERRED_SIGNALS:
             handler = signal.getsignal(signum)
             if handler not in (signal.SIG_IGN, None):
@@ -85,7 +85,7 @@ class signals_deferred:
     def __exit__(self, *exc: Any) -> None:
         if not self.active:
             return
-        signals_deferred._depth, self.active = signals_deferred._depth - 1, False
+        signals_deferred._holding = self.active = False
         for signum, handler in self.saved.items():
             signal.signal(signum, handler)
         self.saved.clear()

@@ -45,6 +45,23 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in first)  # stable: file order kept otherwise
 
 
+def entry_module(entry: str):
+    """The entry point ``entry`` (e.g. ``launch/pretrain.py``) as a module, loaded once per process: downstream/
+    scripts are imported as modules, launch/ scripts (no package) from their file, registered in sys.modules
+    (dataclasses look their module up)."""
+    import importlib
+    import importlib.util
+    if entry.startswith("downstream/"):
+        return importlib.import_module(entry[:-3].replace("/", "."))
+    name = f"entry_{Path(entry).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / entry)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

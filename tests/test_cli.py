@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import io
 import json
 import runpy
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, run_env
+from conftest import PYTHON, REPO, entry_module, run_env
 from selfsup import cli
 from selfsup import config as config_mod
 from selfsup.config import load_config
@@ -48,16 +46,7 @@ MINIMAL_ARGV = {"launch/export.py": ["--weights", "x.pth", "--format", "torchvis
                 "downstream/bench_balancers.py": ["overhead"]}
 
 
-def _module(entry: str):
-    if entry.startswith("downstream/"):
-        return importlib.import_module(entry[:-3].replace("/", "."))
-    name = f"cli_test_{Path(entry).stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / entry)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+_module = entry_module
 
 
 def _help(entry: str) -> str:

@@ -1,6 +1,5 @@
 """The official-MoCo export: a file main_moco.py (and the improved-recipe code) can resume from; every export
 format loads back through the --weights loader."""
-import importlib.util
 import logging
 import os
 import pickle
@@ -11,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import REPO, TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, entry_module
 from selfsup import checkpoint as ckpt
 from selfsup import exporters as export
 from selfsup.backbones import build_backbone
@@ -118,9 +117,7 @@ def test_moco_export_without_what_the_optimizer_needs(run, tmp_path, caplog):
     assert export.export_backbone(run["path"], fmt="moco", out=tmp_path / "d.pth.tar", optimizer=False) and \
         torch.load(tmp_path / "d.pth.tar", weights_only=True)["optimizer"] == {}
 
-    spec = importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = entry_module("launch/export.py")
     with pytest.raises(SystemExit) as err:
         cli.main(["--weights", str(tmp_path / "noconfig.pth"), "--format", "moco", "--out", str(tmp_path / "e.pth.tar"), "--optimizer"])
     message = str(err.value.code)

@@ -230,17 +230,13 @@ def test_pretrain_cli_smoke_and_export(tmp_path, repo, embedded_root, extra):
 def test_pretrain_cli_bad_input_is_one_clear_error(tmp_path, repo, bad, message, monkeypatch):
     """In this process, through run_main (what ``python launch/pretrain.py`` runs: the SystemExit's one line goes to
     stderr with exit status 1; a real subprocess's line: test_faults.py, the full-disk tests)."""
-    import importlib.util
-
+    from conftest import entry_module
     from selfsup.cli import run_main
 
     monkeypatch.delenv("SCENESSL_COCO_ROOT", raising=False)
     monkeypatch.delenv("SCENESSL_DEBUG", raising=False)
-    spec = importlib.util.spec_from_file_location("pretrain_cli_errors", repo / "launch" / "pretrain.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
     with pytest.raises(SystemExit) as exc:
-        run_main(entry.main, ["--output-dir", str(tmp_path / "run"), *bad])
+        run_main(entry_module("launch/pretrain.py").main, ["--output-dir", str(tmp_path / "run"), *bad])
     line = str(exc.value.code)
     assert line.startswith("error: ") and message in line and "\n" not in line, line
     assert not (tmp_path / "run").exists()  # rejected before the run dir is made

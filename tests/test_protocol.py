@@ -309,10 +309,8 @@ def test_knn_warmup_defaults_follow_the_run_length():
         assert knn_warmup_epochs(cfg.moco.knn_warmup_epochs, cfg.train.epochs) == expected
     assert knn_warmup_epochs(3, 800) == 3  # an explicit value wins
     # whichever way the epochs are given: YAML, --epochs, key=value (the default -1 resolves at run time)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("pretrain_cli", REPO / "launch" / "pretrain.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from conftest import entry_module
+    cli = entry_module("launch/pretrain.py")
     from selfsup.moco.config import flags_to_updates
 
     given = {"yaml": dict(yaml_path=REPO / "configs" / "pretrain" / "moco_coco_800ep.yaml"),
